@@ -1,0 +1,10 @@
+DROP TABLE analysis_result_storage;
+DROP TABLE analysis_dependencies;
+DROP TABLE analysis_schedules;
+DROP TRIGGER analysis_jobs_notify_pending ON analysis_jobs;
+DROP FUNCTION analysis_jobs_notify_pending();
+DROP TABLE analysis_jobs;
+DROP TRIGGER analyses_record_version ON analyses;
+DROP FUNCTION analyses_record_version();
+DROP TABLE analysis_versions;
+DROP TABLE analyses;

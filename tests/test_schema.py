@@ -1,0 +1,237 @@
+"""The schema against a real PostgreSQL: the seed's SQL, constraints, triggers, indexes."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+from psycopg import errors
+
+from worker.queries import JOBS_PENDING_CHANNEL, QUERIES
+
+SEED_TABLES = {
+    "analyses",
+    "analysis_jobs",
+    "analysis_versions",
+    "analysis_schedules",
+    "analysis_dependencies",
+    "analysis_result_storage",
+}
+
+SEED_SUBMIT_JOB = """
+INSERT INTO analysis_jobs (id, analysis_id, status, parameters, triggered_by)
+VALUES (
+  gen_random_uuid(),
+  %s,
+  'pending',
+  '{"test": true}',
+  'manual_test'
+)
+"""
+
+SEED_MONITORING_QUERIES = [
+    "SELECT * FROM analysis_jobs ORDER BY created_at DESC LIMIT 5;",
+    """SELECT status, COUNT(*)
+       FROM analysis_jobs
+       WHERE created_at > NOW() - INTERVAL '1 hour'
+       GROUP BY status;""",
+    """SELECT id, analysis_id,
+              EXTRACT(EPOCH FROM (NOW() - started_at))/60 as runtime_minutes
+       FROM analysis_jobs
+       WHERE status = 'running'
+       AND started_at < NOW() - INTERVAL '30 minutes';""",
+    """SELECT
+         COUNT(*) as total_jobs,
+         COUNT(*) FILTER (WHERE status = 'completed') as successful,
+         COUNT(*) FILTER (WHERE status = 'failed') as failed,
+         ROUND(COUNT(*) FILTER (WHERE status = 'completed') * 100.0 / COUNT(*), 2) as success_rate
+       FROM analysis_jobs
+       WHERE created_at > NOW() - INTERVAL '24 hours';""",
+    """SELECT id, error_message, created_at
+       FROM analysis_jobs
+       WHERE status = 'failed'
+       ORDER BY created_at DESC
+       LIMIT 10;""",
+]
+
+
+def test_all_six_seed_tables_exist(db: psycopg.Connection) -> None:
+    rows = db.execute("SELECT tablename FROM pg_tables WHERE schemaname = current_schema()").fetchall()
+    assert {r[0] for r in rows} >= SEED_TABLES
+
+
+def test_seed_job_insert_fills_every_omitted_column_with_a_default(db: psycopg.Connection, analysis_id: str) -> None:
+    db.execute(SEED_SUBMIT_JOB, (analysis_id,))
+    job = db.execute(
+        "SELECT status, parameters, triggered_by, priority, attempts, max_attempts, run_at <= now(),"
+        " created_at IS NOT NULL, result, started_at FROM analysis_jobs"
+    ).fetchone()
+    assert job == ("pending", {"test": True}, "manual_test", 0, 0, 3, True, True, None, None)
+
+
+def test_seed_analysis_gets_defaults(db: psycopg.Connection, analysis_id: str) -> None:
+    row = db.execute(
+        "SELECT runtime, version, is_active, timeout_ms, memory_limit_mb FROM analyses WHERE id = %s",
+        (analysis_id,),
+    ).fetchone()
+    assert row == ("javascript", 1, True, None, None)
+
+
+def test_minimal_job_insert_needs_only_the_analysis(db: psycopg.Connection, analysis_id: str) -> None:
+    db.execute("INSERT INTO analysis_jobs (analysis_id) VALUES (%s)", (analysis_id,))
+    row = db.execute("SELECT status, parameters, triggered_by FROM analysis_jobs").fetchone()
+    assert row == ("pending", {}, "sql")
+
+
+@pytest.mark.parametrize("query", SEED_MONITORING_QUERIES)
+def test_seed_monitoring_queries_run(db: psycopg.Connection, analysis_id: str, query: str) -> None:
+    db.execute(SEED_SUBMIT_JOB, (analysis_id,))
+    db.execute("UPDATE analysis_jobs SET status = 'failed', error_message = 'boom'")
+    db.execute(SEED_SUBMIT_JOB, (analysis_id,))
+    db.execute(query).fetchall()
+
+
+def test_unknown_status_is_rejected(db: psycopg.Connection, analysis_id: str) -> None:
+    with pytest.raises(errors.CheckViolation, match="analysis_jobs_status_check"):
+        db.execute("INSERT INTO analysis_jobs (analysis_id, status) VALUES (%s, 'done')", (analysis_id,))
+
+
+def test_job_for_missing_analysis_is_rejected(db: psycopg.Connection) -> None:
+    with pytest.raises(errors.ForeignKeyViolation):
+        db.execute(SEED_SUBMIT_JOB, ("00000000-0000-0000-0000-000000000000",))
+
+
+@pytest.mark.parametrize("parameters", ['"text"', "[1, 2]", "42"])
+def test_parameters_must_be_a_json_object(db: psycopg.Connection, analysis_id: str, parameters: str) -> None:
+    with pytest.raises(errors.CheckViolation, match="analysis_jobs_parameters_is_object"):
+        db.execute("INSERT INTO analysis_jobs (analysis_id, parameters) VALUES (%s, %s)", (analysis_id, parameters))
+
+
+def test_python_analysis_needs_a_script_name(db: psycopg.Connection) -> None:
+    with pytest.raises(errors.CheckViolation, match="analyses_script_for_runtime"):
+        db.execute("INSERT INTO analyses (title, runtime) VALUES ('py', 'python')")
+    db.execute("INSERT INTO analyses (title, runtime, script_name) VALUES ('py', 'python', 'recalibrate_weights')")
+
+
+def test_unknown_runtime_is_rejected(db: psycopg.Connection) -> None:
+    with pytest.raises(errors.CheckViolation, match="analyses_runtime_check"):
+        db.execute("INSERT INTO analyses (title, runtime, script_content) VALUES ('x', 'ruby', 'x')")
+
+
+def test_changing_the_script_bumps_version_and_keeps_the_old_one(db: psycopg.Connection, analysis_id: str) -> None:
+    db.execute(
+        "UPDATE analyses SET script_content = 'export default function analyze() { return 2; }' WHERE id = %s",
+        (analysis_id,),
+    )
+    db.execute(
+        "UPDATE analyses SET script_content = 'export default function analyze() { return 3; }' WHERE id = %s",
+        (analysis_id,),
+    )
+    assert db.execute("SELECT version FROM analyses WHERE id = %s", (analysis_id,)).fetchone() == (3,)
+    history = db.execute(
+        "SELECT version, script_content FROM analysis_versions WHERE analysis_id = %s ORDER BY version",
+        (analysis_id,),
+    ).fetchall()
+    assert [v for v, _ in history] == [1, 2]
+    assert 'result: "success"' in history[0][1]
+    assert "return 2" in history[1][1]
+
+
+def test_updating_other_columns_keeps_the_version(db: psycopg.Connection, analysis_id: str) -> None:
+    db.execute("UPDATE analyses SET title = 'Renamed', is_active = false, version = 99 WHERE id = %s", (analysis_id,))
+    assert db.execute("SELECT version FROM analyses").fetchone() == (1,)
+    assert db.execute("SELECT count(*) FROM analysis_versions").fetchone() == (0,)
+
+
+def test_deleting_an_analysis_removes_its_jobs_and_history(db: psycopg.Connection, analysis_id: str) -> None:
+    db.execute(SEED_SUBMIT_JOB, (analysis_id,))
+    db.execute("UPDATE analyses SET script_content = 'x' WHERE id = %s", (analysis_id,))
+    db.execute("DELETE FROM analyses WHERE id = %s", (analysis_id,))
+    assert db.execute(
+        "SELECT (SELECT count(*) FROM analysis_jobs) + (SELECT count(*) FROM analysis_versions)"
+    ).fetchone() == (0,)
+
+
+def _listener(url: str) -> psycopg.Connection:
+    conn = psycopg.connect(url, autocommit=True)
+    conn.execute(f"LISTEN {JOBS_PENDING_CHANNEL}")
+    return conn
+
+
+def _drain(conn: psycopg.Connection, timeout: float = 0.5) -> list[psycopg.Notify]:
+    return list(conn.notifies(timeout=timeout))
+
+
+def test_insert_notifies_a_listener(db: psycopg.Connection, database_url: str, analysis_id: str) -> None:
+    with _listener(database_url) as listener:
+        db.execute(SEED_SUBMIT_JOB, (analysis_id,))
+        received = _drain(listener)
+    assert [n.channel for n in received] == [JOBS_PENDING_CHANNEL]
+
+
+def test_bulk_insert_sends_a_single_notification(db: psycopg.Connection, database_url: str, analysis_id: str) -> None:
+    with _listener(database_url) as listener:
+        db.execute(
+            "INSERT INTO analysis_jobs (analysis_id, parameters)"
+            " SELECT %s, jsonb_build_object('n', n) FROM generate_series(1, 5000) AS n",
+            (analysis_id,),
+        )
+        received = _drain(listener)
+    assert db.execute("SELECT count(*) FROM analysis_jobs").fetchone() == (5000,)
+    assert len(received) == 1
+
+
+def test_many_inserts_in_one_transaction_send_a_single_notification(
+    db: psycopg.Connection, database_url: str, analysis_id: str
+) -> None:
+    with _listener(database_url) as listener:
+        with db.transaction():
+            for _ in range(20):
+                db.execute(SEED_SUBMIT_JOB, (analysis_id,))
+        received = _drain(listener)
+    assert len(received) == 1
+
+
+def test_inserting_finished_jobs_sends_no_notification(
+    db: psycopg.Connection, database_url: str, analysis_id: str
+) -> None:
+    with _listener(database_url) as listener:
+        db.execute("INSERT INTO analysis_jobs (analysis_id, status) VALUES (%s, 'completed')", (analysis_id,))
+        received = _drain(listener)
+    assert received == []
+
+
+def test_claim_query_uses_the_partial_index_with_a_large_history(db: psycopg.Connection, analysis_id: str) -> None:
+    db.execute(
+        "INSERT INTO analysis_jobs (analysis_id, status, completed_at)"
+        " SELECT %s, 'completed', now() FROM generate_series(1, 50000)",
+        (analysis_id,),
+    )
+    db.execute(
+        "INSERT INTO analysis_jobs (analysis_id) SELECT %s FROM generate_series(1, 100)",
+        (analysis_id,),
+    )
+    db.execute("ANALYZE analysis_jobs")
+    with db.transaction():
+        plan = db.execute("EXPLAIN (FORMAT TEXT) " + QUERIES["claim_jobs"], {"limit": 10, "worker_id": "w"}).fetchall()
+    text = "\n".join(r[0] for r in plan)
+    assert "analysis_jobs_claim_idx" in text, text
+
+
+def test_claim_query_claims_in_priority_order_and_respects_the_limit(db: psycopg.Connection, analysis_id: str) -> None:
+    db.execute(
+        "INSERT INTO analysis_jobs (analysis_id, priority, parameters)"
+        " SELECT %s, n %% 3, jsonb_build_object('n', n) FROM generate_series(1, 9) AS n",
+        (analysis_id,),
+    )
+    db.execute(
+        "INSERT INTO analysis_jobs (analysis_id, priority, run_at) VALUES (%s, 100, now() + interval '1 hour')",
+        (analysis_id,),
+    )
+    claimed = db.execute(QUERIES["claim_jobs"], {"limit": 4, "worker_id": "w1"}).fetchall()
+    assert len(claimed) == 4
+    rows = db.execute(
+        "SELECT priority, attempts, worker_id, analysis_version, started_at IS NOT NULL, heartbeat_at IS NOT NULL"
+        " FROM analysis_jobs WHERE status = 'running'"
+    ).fetchall()
+    assert sorted(r[0] for r in rows) == [1, 2, 2, 2]
+    assert {r[1:] for r in rows} == {(1, "w1", 1, True, True)}

@@ -1,0 +1,116 @@
+"""Database URLs and connections: the one place that knows about DSNs.
+
+Users give a libpq URL (``postgres://``, ``postgresql://``) or a key=value
+string; everything here validates it once and hands out what each consumer
+needs (psycopg keeps the user's string, yoyo wants ``postgresql+psycopg://``,
+logs get a copy without the password).
+"""
+
+from __future__ import annotations
+
+from urllib.parse import quote, urlencode
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+CONNECT_TIMEOUT_SECONDS = 10
+
+
+class InvalidDatabaseURL(ValueError):
+    """The database URL is missing or cannot be parsed."""
+
+
+class DatabaseUnavailable(RuntimeError):
+    """The database could not be reached."""
+
+
+def validate_database_url(url: str | None) -> str:
+    """Return the URL in a form psycopg accepts, or raise InvalidDatabaseURL.
+
+    ``postgresql+psycopg://`` (SQLAlchemy/yoyo style) is accepted and
+    translated, since users copy URLs between tools.
+    """
+    if url is None or not url.strip():
+        raise InvalidDatabaseURL("no database URL: set DATABASE_URL or pass --database-url")
+    url = url.strip()
+    for prefix in ("postgresql+psycopg://", "postgres+psycopg://"):
+        if url.startswith(prefix):
+            url = "postgresql://" + url[len(prefix) :]
+    if "://" in url and not url.startswith(("postgresql://", "postgres://")):
+        scheme = url.split("://", 1)[0]
+        raise InvalidDatabaseURL(f"invalid database URL: unsupported scheme {scheme!r} (use postgresql://)")
+    try:
+        params = conninfo_to_dict(url)
+    except psycopg.ProgrammingError as exc:
+        raise InvalidDatabaseURL(f"invalid database URL: {_first_line(exc)}") from None
+    port = str(params.get("port", ""))
+    if port and not all(part.isdigit() for part in port.split(",")):
+        raise InvalidDatabaseURL(f"invalid database URL: port {port!r} is not a number")
+    return url
+
+
+def redact_database_url(url: str) -> str:
+    """Return a description of the URL fit for logs: no password, ever."""
+    try:
+        params = conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return "<unparseable database URL>"
+    user = params.get("user", "")
+    host = params.get("host", "localhost")
+    port = params.get("port", "5432")
+    dbname = params.get("dbname", user)
+    at = f"{user}@" if user else ""
+    return f"postgresql://{at}{host}:{port}/{dbname}"
+
+
+def yoyo_database_uri(url: str) -> str:
+    """Translate a libpq URL or DSN into the URI yoyo needs for psycopg 3."""
+    params = {k: str(v) for k, v in conninfo_to_dict(url).items()}
+    user = params.pop("user", None)
+    password = params.pop("password", None)
+    host = params.pop("host", None)
+    port = params.pop("port", None)
+    dbname = params.pop("dbname", "")
+    netloc = ""
+    if user:
+        netloc = quote(user, safe="")
+        if password:
+            netloc += ":" + quote(password, safe="")
+        netloc += "@"
+    if host and not host.startswith("/") and "," not in host:
+        netloc += f"[{host}]" if ":" in host else host
+    elif host:
+        params["host"] = host  # a socket directory or a host list: pass it through as a parameter
+    if port and "," not in port:
+        netloc += f":{port}"
+    elif port:
+        params["port"] = port
+    query = f"?{urlencode(params)}" if params else ""
+    return f"postgresql+psycopg://{netloc}/{quote(dbname, safe='')}{query}"
+
+
+def with_database(url: str, dbname: str) -> str:
+    """Return the same server's URL pointing at another database."""
+    params = conninfo_to_dict(url)
+    params["dbname"] = dbname
+    return make_conninfo(**params)
+
+
+def connect(url: str, *, autocommit: bool = True, application_name: str = "analysis-executor") -> psycopg.Connection:
+    """Open a connection, or raise DatabaseUnavailable with a one-line reason."""
+    try:
+        return psycopg.connect(
+            url,
+            autocommit=autocommit,
+            connect_timeout=CONNECT_TIMEOUT_SECONDS,
+            application_name=application_name,
+        )
+    except psycopg.OperationalError as exc:
+        raise DatabaseUnavailable(
+            f"cannot connect to the database at {redact_database_url(url)}: {_first_line(exc)}"
+        ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0].strip() if text else type(exc).__name__
