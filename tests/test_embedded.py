@@ -26,8 +26,8 @@ def _accepts_connections(url: str) -> bool:
 def _server_owner(url: str) -> str:
     with psycopg.connect(url) as conn:
         row = conn.execute("SELECT pg_backend_pid()").fetchone()
-    assert row is not None
-    return pwd.getpwuid(os.stat(f"/proc/{row[0]}").st_uid).pw_name
+        assert row is not None
+        return pwd.getpwuid(os.stat(f"/proc/{row[0]}").st_uid).pw_name
 
 
 def test_start_stop_and_restart_on_the_same_port(tmp_path: Path) -> None:
