@@ -2,23 +2,26 @@
 
 Every subcommand validates its input, calls into the modules that do the
 work, and maps failures to exit codes: 0 ok, 2 bad usage or input (with a
-one-line reason), 1 runtime failure.
+one-line reason), 1 runtime failure. Flag defaults come from environment
+variables, and ``--help`` names them.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import json
 import logging
 import os
-import signal
 import sys
-import threading
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from worker import __version__
-from worker.db import DatabaseUnavailable, InvalidDatabaseURL, validate_database_url
+from worker.config import ConfigError, Settings, load_settings
+from worker.db import DatabaseUnavailable, InvalidDatabaseURL, connect, validate_database_url
+from worker.logs import configure_logging
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -31,76 +34,181 @@ class UsageError(Exception):
     """Bad input from the user: reported in one line, exit code 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, as for every other bad input
+        self.exit(EXIT_USAGE, f"analysis-executor: error: {message}\n")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the process exit code."""
-    parser = _build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from worker.embedded import EmbeddedPostgresError
+    from worker.jobs import InvalidJobRequest, JobNotFound
+    from worker.service import WorkerStartupError
+
+    args = _build_parser().parse_args(argv)
+    configure_logging(args.log_level, getattr(args, "log_format", None) or "text")
     command: Callable[[argparse.Namespace], int] = args.command
     try:
         return command(args)
-    except (UsageError, InvalidDatabaseURL) as exc:
+    except (UsageError, InvalidDatabaseURL, ConfigError, InvalidJobRequest, JobNotFound) as exc:
         print(f"analysis-executor: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except DatabaseUnavailable as exc:
+    except (DatabaseUnavailable, WorkerStartupError, EmbeddedPostgresError, TimeoutError) as exc:
         print(f"analysis-executor: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return EXIT_FAILURE
 
 
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(name, default)
+
+
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="analysis-executor",
-        description="Run analysis jobs stored in PostgreSQL.",
-    )
+    parser = _Parser(prog="analysis-executor", description="Run analysis jobs stored in PostgreSQL.")
     parser.add_argument("--version", action="version", version=f"analysis-executor {__version__}")
-    commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    run = commands.add_parser("run", help="run a worker")
+    _add_database_url(run)
+    _add_worker_options(run)
+    run.set_defaults(command=_run)
 
     migrate = commands.add_parser("migrate", help="apply database migrations (safe to run from many replicas)")
     _add_database_url(migrate)
     _add_log_level(migrate)
     migrate.set_defaults(command=_migrate)
 
-    dev = commands.add_parser("dev", help="zero-setup: embedded PostgreSQL, migrations, demo analysis")
+    dev = commands.add_parser("dev", help="zero-setup: embedded PostgreSQL, migrations, demo analyses and a worker")
     dev.add_argument(
         "--data-dir",
         type=Path,
-        default=Path(os.environ.get("ANALYSIS_EXECUTOR_DATA_DIR", ".analysis-executor/pgdata")),
+        default=Path(_env("ANALYSIS_EXECUTOR_DATA_DIR", ".analysis-executor/pgdata") or ""),
         help="embedded PostgreSQL data folder (env ANALYSIS_EXECUTOR_DATA_DIR; default %(default)s)",
     )
     dev.add_argument("--pg-port", type=int, default=None, help="port for the embedded PostgreSQL (default: any free)")
-    _add_log_level(dev)
+    _add_worker_options(dev)
     dev.set_defaults(command=_dev)
+
+    submit = commands.add_parser("submit", help="submit a job")
+    submit.add_argument("analysis_id", help="id of the analysis to run")
+    submit.add_argument("--params", default="{}", help="job parameters as a JSON object (default {})")
+    submit.add_argument("--priority", type=int, default=0, help="higher runs first (default 0)")
+    submit.add_argument("--run-at", default=None, help="earliest start, ISO 8601 timestamp (default now)")
+    submit.add_argument("--max-attempts", type=int, default=None, help="attempts allowed (default 3)")
+    submit.add_argument("--wait", action="store_true", help="wait for the job to finish and print its result")
+    submit.add_argument("--wait-timeout", type=float, default=None, help="give up waiting after N seconds")
+    _add_database_url(submit)
+    _add_log_level(submit)
+    submit.set_defaults(command=_submit)
+
+    status = commands.add_parser("status", help="queue counts by status and the workers holding jobs")
+    _add_database_url(status)
+    _add_log_level(status)
+    status.set_defaults(command=_status)
+
+    jobs = commands.add_parser("jobs", help="recent jobs, newest first")
+    jobs.add_argument("--limit", type=int, default=20, help="how many (default 20)")
+    jobs.add_argument(
+        "--status", choices=["pending", "running", "completed", "failed", "timeout", "cancelled"], default=None
+    )
+    _add_database_url(jobs)
+    _add_log_level(jobs)
+    jobs.set_defaults(command=_jobs)
+
+    show = commands.add_parser("show", help="one job, every column")
+    show.add_argument("job_id")
+    _add_database_url(show)
+    _add_log_level(show)
+    show.set_defaults(command=_show)
+
+    scripts = commands.add_parser("scripts", help="the whitelisted Python scripts")
+    scripts.add_argument(
+        "--scripts-dir",
+        default=_env("ANALYTICS_SCRIPTS_DIR", "analytics"),
+        help="scripts folder (env ANALYTICS_SCRIPTS_DIR; default %(default)s)",
+    )
+    _add_log_level(scripts)
+    scripts.set_defaults(command=_scripts)
     return parser
 
 
 def _add_database_url(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--database-url",
-        default=os.environ.get("DATABASE_URL"),
-        help="PostgreSQL URL (env DATABASE_URL)",
-    )
+    parser.add_argument("--database-url", default=None, help="PostgreSQL URL (env DATABASE_URL)")
 
 
 def _add_log_level(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--log-level",
-        default=os.environ.get("LOG_LEVEL", "info"),
-        choices=["debug", "info", "warning", "error"],
+        default=(_env("LOG_LEVEL", "info") or "info").lower(),
         type=str.lower,
+        choices=["debug", "info", "warning", "error"],
         help="log level (env LOG_LEVEL; default %(default)s)",
     )
+
+
+def _add_worker_options(parser: argparse.ArgumentParser) -> None:
+    _add_log_level(parser)
+    parser.add_argument("--port", type=int, default=None, help="HTTP port (env ANALYSIS_EXECUTOR_PORT; default 8002)")
+    parser.add_argument(
+        "--host", default=None, help="HTTP bind address (env ANALYSIS_EXECUTOR_HOST; default 127.0.0.1)"
+    )
+    parser.add_argument(
+        "--log-format", choices=["text", "json"], default=None, help="log format (env LOG_FORMAT; default text)"
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        help="jobs at once, one process each (env MAX_CONCURRENT_JOBS; default 5)",
+    )
+    parser.add_argument(
+        "--poll-interval-ms", type=int, default=None, help="fallback poll interval (env POLL_INTERVAL_MS; default 5000)"
+    )
+    parser.add_argument(
+        "--scripts-dir",
+        default=None,
+        help="whitelisted Python scripts (env ANALYTICS_SCRIPTS_DIR; default ./analytics)",
+    )
+    parser.add_argument(
+        "--python", dest="python_executable", default=None, help="interpreter for scripts (env ANALYTICS_PYTHON)"
+    )
+    parser.add_argument("--worker-id", default=None, help="worker id (env WORKER_ID; default host-pid-random)")
+    parser.add_argument(
+        "--no-listen",
+        dest="listen",
+        action="store_false",
+        default=None,
+        help="do not LISTEN for notifications; rely on polling only (diagnostics)",
+    )
+
+
+def _worker_settings(args: argparse.Namespace, **overrides: Any) -> Settings:
+    names = (
+        "database_url", "port", "host", "log_level", "log_format", "concurrency", "poll_interval_ms",
+        "scripts_dir", "python_executable", "worker_id", "listen",
+    )  # fmt: skip
+    values = {name: getattr(args, name, None) for name in names}
+    values.update(overrides)
+    return load_settings(values)
+
+
+def _database_url(args: argparse.Namespace) -> str:
+    return validate_database_url(args.database_url or os.environ.get("DATABASE_URL"))
+
+
+def _run(args: argparse.Namespace) -> int:
+    from worker.service import run_worker
+
+    settings = _worker_settings(args)
+    configure_logging(settings.log_level, settings.log_format, settings.worker_id)
+    return run_worker(settings)
 
 
 def _migrate(args: argparse.Namespace) -> int:
     from worker.migrate import apply_migrations
 
-    url = validate_database_url(args.database_url)
-    applied = apply_migrations(url)
+    applied = apply_migrations(_database_url(args))
     if applied:
         print(f"applied {len(applied)} migration(s): {', '.join(applied)}")
     else:
@@ -109,23 +217,117 @@ def _migrate(args: argparse.Namespace) -> int:
 
 
 def _dev(args: argparse.Namespace) -> int:
-    from worker.embedded import EmbeddedPostgres, EmbeddedPostgresError
+    from worker.demo import DEMO_JS_TITLE, install_demo
+    from worker.embedded import EmbeddedPostgres
     from worker.migrate import apply_migrations
+    from worker.service import run_worker
 
     server = EmbeddedPostgres(args.data_dir, port=args.pg_port)
-    try:
-        server.start()
-    except EmbeddedPostgresError as exc:
-        print(f"analysis-executor: error: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
+    server.start()
     try:
         url = server.create_database("analysis_executor")
         apply_migrations(url)
-        print(f"Embedded PostgreSQL is ready. Connect with:\n  psql {url}\n", flush=True)
-        stop = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        with contextlib.suppress(KeyboardInterrupt):
-            stop.wait()
+        scripts_dir = Path(args.scripts_dir or _env("ANALYTICS_SCRIPTS_DIR") or args.data_dir.parent / "scripts")
+        with connect(url) as conn:
+            demo_ids = install_demo(conn, scripts_dir)
+        settings = _worker_settings(args, database_url=url, scripts_dir=str(scripts_dir))
+        configure_logging(settings.log_level, settings.log_format, settings.worker_id)
+        print(
+            f"\nEmbedded PostgreSQL is ready. Connect with:\n  psql {url}\n\n"
+            f'Submit a job:\n  psql {url} -c "INSERT INTO analysis_jobs (analysis_id, parameters) '
+            f"VALUES ('{demo_ids[DEMO_JS_TITLE]}', '{{\\\"values\\\": [3, 5, 8]}}')\"\n"
+            f"  analysis-executor submit {demo_ids[DEMO_JS_TITLE]} --params '{{\"values\": [3, 5, 8]}}' "
+            f"--database-url {url} --wait\n\n"
+            f"Python scripts folder: {scripts_dir}\n"
+            f"Health: curl http://{settings.host}:{settings.port}/health\n",
+            flush=True,
+        )
+        return run_worker(settings)
     finally:
         server.stop()
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from worker.jobs import parse_parameters, submit_job, wait_for_job
+
+    parameters = parse_parameters(args.params)
+    if args.max_attempts is not None and args.max_attempts < 1:
+        raise UsageError("--max-attempts must be at least 1")
+    run_at = None
+    if args.run_at is not None:
+        try:
+            run_at = datetime.fromisoformat(args.run_at)
+        except ValueError:
+            raise UsageError(f"--run-at {args.run_at!r} is not an ISO 8601 timestamp") from None
+    with connect(_database_url(args)) as conn:
+        job_id = submit_job(
+            conn,
+            args.analysis_id,
+            parameters,
+            priority=args.priority,
+            run_at=run_at,
+            max_attempts=args.max_attempts,
+        )
+        if not args.wait:
+            print(job_id)
+            return EXIT_OK
+        job = wait_for_job(conn, job_id, args.wait_timeout)
+    print(json.dumps({"id": job_id, "status": job["status"], "result": job["result"], "error": job["error_message"]}))
+    return EXIT_OK if job["status"] == "completed" else EXIT_FAILURE
+
+
+def _status(args: argparse.Namespace) -> int:
+    from worker.jobs import queue_summary
+
+    with connect(_database_url(args)) as conn:
+        summary = queue_summary(conn)
+    live = summary["live"]
+    print("queue now:")
+    print(f"  pending (due)        {live['pending_due']}")
+    print(f"  scheduled (future)   {live['pending_scheduled']}")
+    print(f"  running              {live['running']}")
+    age = live["oldest_pending_age_seconds"]
+    print(f"  oldest pending age   {float(age):.1f}s" if age is not None else "  oldest pending age   -")
+    print("last 24 hours by status:")
+    for status, count in sorted(summary["recent"].items()):
+        print(f"  {status:<20} {count}")
+    print("workers holding jobs:")
+    for worker in summary["workers"] or [{"worker_id": "(none)", "running_jobs": 0, "last_heartbeat": None}]:
+        print(
+            f"  {worker['worker_id']:<40} running {worker['running_jobs']}  last heartbeat {worker['last_heartbeat']}"
+        )
+    return EXIT_OK
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    from worker.jobs import recent_jobs
+
+    with connect(_database_url(args)) as conn:
+        rows = recent_jobs(conn, args.limit, args.status)
+    print(f"{'id':<36}  {'status':<9}  {'attempts':>8}  {'ms':>8}  {'created':<19}  analysis / error")
+    for row in rows:
+        duration = "" if row["duration_ms"] is None else str(row["duration_ms"])
+        detail = row["title"] + (f" — {row['error']}" if row["error"] else "")
+        created = row["created_at"].strftime("%Y-%m-%d %H:%M:%S")
+        print(f"{row['id']!s:<36}  {row['status']:<9}  {row['attempts']:>8}  {duration:>8}  {created:<19}  {detail}")
+    return EXIT_OK
+
+
+def _show(args: argparse.Namespace) -> int:
+    from worker.jobs import get_job
+
+    with connect(_database_url(args)) as conn:
+        job = get_job(conn, args.job_id)
+    print(json.dumps(job, indent=2, default=str))
+    return EXIT_OK
+
+
+def _scripts(args: argparse.Namespace) -> int:
+    from worker.runtimes.python import ScriptWhitelist
+
+    whitelist = ScriptWhitelist(Path(args.scripts_dir))
+    if not whitelist.folder.is_dir():
+        raise UsageError(f"scripts folder {whitelist.folder} does not exist (set ANALYTICS_SCRIPTS_DIR)")
+    for name in whitelist.names():
+        print(name)
     return EXIT_OK

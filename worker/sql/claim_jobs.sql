@@ -24,8 +24,8 @@ WHERE job.id = due.id
 RETURNING
     job.id,
     job.analysis_id,
-    job.parameters,
-    job.attempts,
+    job.parameters::text AS parameters_json,
+    job.attempts AS attempt,
     job.max_attempts,
     job.created_at,
     job.run_at,

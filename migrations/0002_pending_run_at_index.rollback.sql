@@ -1,0 +1,1 @@
+DROP INDEX analysis_jobs_pending_run_at_idx;

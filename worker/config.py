@@ -1,0 +1,151 @@
+"""Settings: read once from flags and environment, validated, then frozen.
+
+Flags win over environment variables; every setting has a default that
+works for ``analysis-executor dev``. Nothing else in the package reads
+``os.environ``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import sys
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from worker.db import validate_database_url
+
+
+class ConfigError(ValueError):
+    """A setting has an invalid value; the message names it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything a worker needs to know, fixed at start-up."""
+
+    database_url: str
+    host: str = "127.0.0.1"
+    port: int = 8002
+    log_level: str = "info"
+    log_format: str = "text"
+    concurrency: int = 5
+    poll_interval_ms: int = 5000
+    default_timeout_ms: int = 300_000
+    default_memory_limit_mb: int = 256
+    js_stack_limit_kb: int = 1024
+    output_max_bytes: int = 1024 * 1024
+    result_max_bytes: int = 16 * 1024 * 1024
+    scripts_dir: Path = Path("analytics")
+    python_executable: str = sys.executable
+    metrics_refresh_seconds: float = 10.0
+    worker_id: str = field(default_factory=lambda: default_worker_id())
+    listen: bool = True
+
+    @property
+    def binds_loopback_only(self) -> bool:
+        """True when the HTTP server is reachable from this machine only."""
+        if self.host in ("localhost",):
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+def default_worker_id() -> str:
+    """``host-pid-xxxx``: unique across replicas and restarts, readable in logs."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
+
+
+_ENV_NAMES = {
+    "database_url": "DATABASE_URL",
+    "host": "ANALYSIS_EXECUTOR_HOST",
+    "port": "ANALYSIS_EXECUTOR_PORT",
+    "log_level": "LOG_LEVEL",
+    "log_format": "LOG_FORMAT",
+    "concurrency": "MAX_CONCURRENT_JOBS",
+    "poll_interval_ms": "POLL_INTERVAL_MS",
+    "default_timeout_ms": "JOB_TIMEOUT_MS",
+    "default_memory_limit_mb": "JOB_MEMORY_LIMIT_MB",
+    "js_stack_limit_kb": "JS_STACK_LIMIT_KB",
+    "output_max_bytes": "JOB_OUTPUT_MAX_BYTES",
+    "result_max_bytes": "RESULT_MAX_BYTES",
+    "scripts_dir": "ANALYTICS_SCRIPTS_DIR",
+    "python_executable": "ANALYTICS_PYTHON",
+    "metrics_refresh_seconds": "METRICS_REFRESH_SECONDS",
+    "worker_id": "WORKER_ID",
+}
+
+ENV_VARIABLES: Mapping[str, str] = _ENV_NAMES
+"""Setting name -> environment variable, for ``--help`` texts and docs."""
+
+_POSITIVE_INTS = {
+    "port": (1, 65535),
+    "concurrency": (1, 1000),
+    "poll_interval_ms": (10, 3_600_000),
+    "default_timeout_ms": (1, 86_400_000),
+    "default_memory_limit_mb": (8, 1_048_576),
+    "js_stack_limit_kb": (64, 1_048_576),
+    "output_max_bytes": (1024, 1 << 30),
+    "result_max_bytes": (1024, 1 << 31),
+}
+
+
+def load_settings(overrides: Mapping[str, object], environ: Mapping[str, str] | None = None) -> Settings:
+    """Build Settings from flag values (``None`` = not given) over the environment.
+
+    Raises ConfigError (or InvalidDatabaseURL) naming the first bad setting.
+    """
+    env = os.environ if environ is None else environ
+    values: dict[str, object] = {}
+    for name, env_name in _ENV_NAMES.items():
+        flag_value = overrides.get(name)
+        if flag_value is not None:
+            values[name] = flag_value
+        elif env.get(env_name, "").strip():
+            values[name] = env[env_name].strip()
+    for name in ("listen",):
+        if overrides.get(name) is not None:
+            values[name] = overrides[name]
+
+    values["database_url"] = validate_database_url(values.get("database_url"))  # type: ignore[arg-type]
+    for name, (low, high) in _POSITIVE_INTS.items():
+        if name in values:
+            values[name] = _int_setting(name, values[name], low, high)
+    if "metrics_refresh_seconds" in values:
+        values["metrics_refresh_seconds"] = _float_setting("metrics_refresh_seconds", values["metrics_refresh_seconds"])
+    if "scripts_dir" in values:
+        values["scripts_dir"] = Path(str(values["scripts_dir"]))
+    level = str(values.get("log_level", "info")).lower()
+    if level not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"{_ENV_NAMES['log_level']}: unknown log level {level!r} (debug, info, warning, error)")
+    values["log_level"] = level
+    log_format = str(values.get("log_format", "text")).lower()
+    if log_format not in ("text", "json"):
+        raise ConfigError(f"{_ENV_NAMES['log_format']}: unknown log format {log_format!r} (text, json)")
+    values["log_format"] = log_format
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+def _int_setting(name: str, raw: object, low: int, high: int) -> int:
+    try:
+        value = int(str(raw))
+    except ValueError:
+        raise ConfigError(f"{_ENV_NAMES[name]}: {raw!r} is not a whole number") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{_ENV_NAMES[name]}: {value} is outside {low}..{high}")
+    return value
+
+
+def _float_setting(name: str, raw: object) -> float:
+    try:
+        value = float(str(raw))
+    except ValueError:
+        raise ConfigError(f"{_ENV_NAMES[name]}: {raw!r} is not a number") from None
+    if value <= 0:
+        raise ConfigError(f"{_ENV_NAMES[name]}: must be positive")
+    return value

@@ -1,0 +1,186 @@
+"""The executor loop: claim as many jobs as there are free slots, run them, record them.
+
+Woken by ``Wakeups`` (notification, poll, timer, start-up, a slot freeing up
+while more work is waiting), it claims with one statement
+(``sql/claim_jobs.sql``), hands each job to the process pool and passes the
+outcome to the recorder. A job holds its slot until its outcome is written,
+so a worker never has more than ``MAX_CONCURRENT_JOBS`` rows ``running``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
+
+from worker.config import Settings
+from worker.lifecycle import ClaimedJob, JobLifecycle
+from worker.listener import Wakeups
+from worker.metrics import Metrics
+from worker.pool import ProcessPool
+from worker.queries import JOBS_PENDING_CHANNEL, QUERIES
+from worker.recorder import Recorder
+from worker.runtimes.protocol import outcome
+from worker.runtimes.python import ScriptNotAllowed, ScriptWhitelist
+
+log = logging.getLogger(__name__)
+
+_CLAIM_RETRY_SECONDS = 1.0
+
+
+class Executor:
+    """Claims and runs jobs until ``stop_claiming`` is called."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        db_pool: AsyncConnectionPool,
+        process_pool: ProcessPool,
+        recorder: Recorder,
+        whitelist: ScriptWhitelist,
+        wakeups: Wakeups,
+        lifecycle: JobLifecycle,
+        metrics: Metrics,
+    ) -> None:
+        self._settings = settings
+        self._db_pool = db_pool
+        self._pool = process_pool
+        self._recorder = recorder
+        self._whitelist = whitelist
+        self._wakeups = wakeups
+        self._lifecycle = lifecycle
+        self._metrics = metrics
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._claiming = True
+        self._backlog = False
+        self.database_ok = True
+
+    @property
+    def in_flight(self) -> int:
+        """Jobs claimed by this worker and not yet recorded."""
+        return len(self._running)
+
+    async def run(self) -> None:
+        """Claim on every wake-up until claiming stops."""
+        while self._claiming:
+            await self._wakeups.wait()
+            if self._claiming:
+                await self.claim_and_dispatch()
+
+    def stop_claiming(self) -> None:
+        """Claim nothing more; running jobs carry on."""
+        self._claiming = False
+        self._wakeups.wake("startup")  # unblock run() so it can return
+
+    async def claim_and_dispatch(self) -> int:
+        """Claim up to the free slots and start them; return how many were claimed."""
+        free = self._settings.concurrency - len(self._running)
+        if free <= 0:
+            self._backlog = True
+            return 0
+        try:
+            jobs, next_due = await self._claim(free)
+        except psycopg.Error as exc:
+            self.database_ok = False
+            self._metrics.database_errors.labels("claim").inc()
+            log.warning("claim failed (%s); retrying in %.0fs", str(exc).strip().splitlines()[0], _CLAIM_RETRY_SECONDS)
+            self._wakeups.wake_at(_CLAIM_RETRY_SECONDS)
+            return 0
+        self.database_ok = True
+        self._backlog = len(jobs) == free
+        if next_due is not None:
+            self._wakeups.wake_at((next_due - datetime.now(UTC)).total_seconds())
+        self._lifecycle.claimed(jobs)
+        for job in jobs:
+            task = asyncio.create_task(self._run_job(job), name=f"job-{job.id}")
+            self._running[job.id] = task
+        return len(jobs)
+
+    async def _claim(self, limit: int) -> tuple[list[ClaimedJob], datetime | None]:
+        async with self._db_pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(
+                QUERIES["claim_jobs"], {"limit": limit, "worker_id": self._settings.worker_id}, prepare=True
+            )
+            jobs = [ClaimedJob.from_row(row) for row in await cur.fetchall()]
+            next_due = None
+            if len(jobs) < limit:
+                await cur.execute(QUERIES["next_run_at"], prepare=True)
+                row = await cur.fetchone()
+                next_due = row["next_run_at"] if row else None
+        return jobs, next_due
+
+    async def _run_job(self, job: ClaimedJob) -> None:
+        started = time.monotonic()
+        try:
+            result = await self._execute(job)
+            written = await self._recorder.record(job, result)
+            self._lifecycle.finished(job, result, written=written, seconds=time.monotonic() - started)
+        finally:
+            del self._running[job.id]
+            if self._backlog and self._claiming:
+                self._wakeups.wake("slot")
+
+    async def _execute(self, job: ClaimedJob) -> dict[str, Any]:
+        if not job.is_active:
+            return outcome("failed", error_message=f"analysis {job.analysis_id} is inactive (is_active = false)")
+        message = self._job_message(job)
+        if job.runtime == "python":
+            try:
+                message["script_path"] = str(self._whitelist.resolve(job.script_name))
+            except ScriptNotAllowed as exc:
+                return outcome("failed", error_message=str(exc))
+        elif job.runtime != "javascript":
+            return outcome("failed", error_message=f"unknown runtime {job.runtime!r}")
+        return await self._pool.run(message)
+
+    def _job_message(self, job: ClaimedJob) -> dict[str, Any]:
+        settings = self._settings
+        context = {
+            "jobId": job.id,
+            "analysisId": job.analysis_id,
+            "attempt": job.attempt,
+            "analysisVersion": job.analysis_version,
+            "datasets": {},
+        }
+        return {
+            "job_id": job.id,
+            "analysis_id": job.analysis_id,
+            "runtime": job.runtime,
+            "source": job.script_content or "",
+            "parameters_json": job.parameters_json,
+            "context_json": json.dumps(context),
+            "timeout_ms": job.timeout_ms or settings.default_timeout_ms,
+            "memory_limit_mb": job.memory_limit_mb or settings.default_memory_limit_mb,
+            "stack_limit_kb": settings.js_stack_limit_kb,
+            "output_max_bytes": settings.output_max_bytes,
+            "result_max_bytes": settings.result_max_bytes,
+            "python": settings.python_executable,
+        }
+
+    async def drain(self, grace_seconds: float) -> list[str]:
+        """Wait up to the grace period for running jobs; cancel the rest and return their ids."""
+        if self._running:
+            log.info("waiting up to %.0fs for %d running job(s) to finish", grace_seconds, len(self._running))
+            await asyncio.wait(list(self._running.values()), timeout=grace_seconds)
+        leftovers = list(self._running)
+        tasks = list(self._running.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return leftovers
+
+    async def release(self, job_ids: list[str]) -> None:
+        """Hand unfinished jobs back to ``pending`` without spending an attempt."""
+        if not job_ids:
+            return
+        async with self._db_pool.connection() as conn, conn.transaction():
+            await conn.execute(QUERIES["release_jobs"], {"ids": job_ids, "worker_id": self._settings.worker_id})
+            await conn.execute(f"NOTIFY {JOBS_PENDING_CHANNEL}")
+        log.info("handed %d unfinished job(s) back to the queue", len(job_ids))

@@ -1,0 +1,87 @@
+"""Job lifecycle events, published by the executor and the recorder.
+
+Logs and metrics subscribe here, so the claim -> run -> record path only
+says what happened, once, and neither concern clutters it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from worker.metrics import Metrics
+
+log = logging.getLogger("worker.jobs")
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedJob:
+    """A job this worker claimed: the row as the claim statement returned it."""
+
+    id: str
+    analysis_id: str
+    parameters_json: str
+    attempt: int
+    max_attempts: int
+    created_at: datetime
+    run_at: datetime
+    started_at: datetime
+    analysis_version: int
+    is_active: bool
+    runtime: str
+    script_content: str | None
+    script_name: str | None
+    timeout_ms: int | None
+    memory_limit_mb: int | None
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> ClaimedJob:
+        """Build from a claim_jobs.sql row (dict row factory)."""
+        return cls(**{**row, "id": str(row["id"]), "analysis_id": str(row["analysis_id"])})
+
+    @property
+    def queue_wait_seconds(self) -> float:
+        """started_at - max(created_at, run_at), never negative."""
+        return max(0.0, (self.started_at - max(self.created_at, self.run_at)).total_seconds())
+
+
+class JobLifecycle:
+    """Turns lifecycle events into log lines and metric updates."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+        self.jobs_processed = 0
+
+    def claimed(self, jobs: list[ClaimedJob]) -> None:
+        """Jobs were claimed and are about to run."""
+        if jobs:
+            log.debug("Found %d pending jobs", len(jobs))
+        for job in jobs:
+            self._metrics.jobs_claimed.labels(job.runtime).inc()
+            self._metrics.queue_wait.labels(job.runtime).observe(job.queue_wait_seconds)
+        self._metrics.jobs_in_flight.inc(len(jobs))
+
+    def finished(self, job: ClaimedJob, outcome: dict[str, Any], *, written: bool, seconds: float) -> None:
+        """A job's outcome was recorded (``written``) or discarded by the fence."""
+        self._metrics.jobs_in_flight.dec()
+        context = {"job_id": job.id, "analysis_id": job.analysis_id, "attempt": job.attempt}
+        if not written:
+            log.warning(
+                "Job %s: outcome discarded: the job is no longer held by this worker (attempt %d)",
+                job.id,
+                job.attempt,
+                extra=context,
+            )
+            return
+        status = outcome["status"]
+        self.jobs_processed += 1
+        self._metrics.jobs_finished.labels(status, job.runtime).inc()
+        self._metrics.job_duration.labels(job.runtime).observe(seconds)
+        context.update(status=status, runtime=job.runtime, duration_ms=round(seconds * 1000, 3))
+        if status == "completed":
+            log.info("Job %s completed successfully", job.id, extra=context)
+        else:
+            error = (outcome.get("error_message") or status).splitlines()[0]
+            log.info("Job %s failed: %s", job.id, error, extra=context)

@@ -1,0 +1,84 @@
+"""Every Prometheus metric the worker exports, defined once.
+
+Metrics live in the worker's own memory (a registry per worker, so tests can
+run several); the queue gauges are refreshed from the database on an
+interval by ``refresh_queue_stats`` with index-only queries.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics
+
+PREFIX = "analysis_executor"
+
+# The *_created series double every counter for no use on a dashboard.
+disable_created_metrics()
+
+_DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+_WAIT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900)
+
+
+class Metrics:
+    """The worker's metrics, registered in their own registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.build_info = Info(f"{PREFIX}_build", "Version of the running worker.", registry=r)
+        self.jobs_claimed = Counter(f"{PREFIX}_jobs_claimed", "Jobs claimed by this worker.", ["runtime"], registry=r)
+        self.jobs_finished = Counter(
+            f"{PREFIX}_jobs_finished",
+            "Jobs this worker finished and recorded, by final status.",
+            ["status", "runtime"],
+            registry=r,
+        )
+        self.job_duration = Histogram(
+            f"{PREFIX}_job_duration_seconds",
+            "Wall-clock time from claim to recorded outcome.",
+            ["runtime"],
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            f"{PREFIX}_job_queue_wait_seconds",
+            "Time a job waited to start: started_at - max(created_at, run_at).",
+            ["runtime"],
+            buckets=_WAIT_BUCKETS,
+            registry=r,
+        )
+        self.jobs_in_flight = Gauge(f"{PREFIX}_jobs_in_flight", "Jobs running on this worker now.", registry=r)
+        self.pool_size = Gauge(f"{PREFIX}_pool_size", "Process pool slots (MAX_CONCURRENT_JOBS).", registry=r)
+        self.pool_restarts = Counter(
+            f"{PREFIX}_pool_child_restarts",
+            "Pool child processes replaced, by reason (timeout, crash, cancelled).",
+            ["reason"],
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            f"{PREFIX}_queue_depth",
+            "Jobs in the queue by state: pending (due), scheduled (future run_at), running.",
+            ["status"],
+            registry=r,
+        )
+        self.oldest_pending_age = Gauge(
+            f"{PREFIX}_oldest_pending_job_age_seconds",
+            "Age of the oldest due pending job (0 when none).",
+            registry=r,
+        )
+        self.wakeups = Counter(
+            f"{PREFIX}_wakeups",
+            "Claim wake-ups by source (notify, poll, timer, startup, slot).",
+            ["source"],
+            registry=r,
+        )
+        self.database_errors = Counter(
+            f"{PREFIX}_database_errors", "Failed database operations, by operation.", ["operation"], registry=r
+        )
+        self.listener_connected = Gauge(
+            f"{PREFIX}_listener_connected", "1 while the LISTEN connection is up.", registry=r
+        )
+        self.up = Gauge(f"{PREFIX}_up", "1 while the worker runs and its database is reachable.", registry=r)
+        for status in ("pending", "scheduled", "running"):
+            self.queue_depth.labels(status)
+        for source in ("notify", "poll", "timer", "startup", "slot"):
+            self.wakeups.labels(source)

@@ -1,0 +1,143 @@
+"""Recording: write finished jobs back to their rows, in batches, never dropping one.
+
+Outcomes queue up while a write is in flight and go out together in one
+pipelined ``executemany``. Every write is fenced by the attempt this worker
+claimed (see ``sql/record_outcome.sql``). When the database is away the batch
+is retried with backoff until it is back; a row the database refuses (bad
+data) is written alone, as a failure that says why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import re
+from typing import Any
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+
+from worker.lifecycle import ClaimedJob
+from worker.metrics import Metrics
+from worker.queries import QUERIES
+
+log = logging.getLogger(__name__)
+
+_MAX_BACKOFF_SECONDS = 5.0
+# PostgreSQL text cannot hold NUL, and jsonb refuses the \u0000 escape.
+_JSON_NUL = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
+
+
+class Recorder:
+    """Queue of outcomes to write; ``record`` returns once its row was written (or fenced off)."""
+
+    def __init__(self, db_pool: AsyncConnectionPool, worker_id: str, metrics: Metrics) -> None:
+        self._db_pool = db_pool
+        self._worker_id = worker_id
+        self._metrics = metrics
+        self._queue: asyncio.Queue[tuple[ClaimedJob, dict[str, Any], asyncio.Future[bool]]] = asyncio.Queue()
+        self.database_ok = True
+
+    async def record(self, job: ClaimedJob, outcome: dict[str, Any]) -> bool:
+        """Write the outcome; True if written, False if the job is no longer ours."""
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((job, outcome, done))
+        return await done
+
+    async def run(self) -> None:
+        """Write batches until cancelled."""
+        while True:
+            batch = [await self._queue.get()]
+            while not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            written = await self._write_with_retry([(job, outcome) for job, outcome, _ in batch])
+            for job, _, done in batch:
+                if not done.done():
+                    done.set_result(job.id in written)
+
+    async def _write_with_retry(self, batch: list[tuple[ClaimedJob, dict[str, Any]]]) -> set[str]:
+        backoff = 0.1
+        while True:
+            try:
+                written = await self._write(batch)
+            except psycopg.OperationalError as exc:
+                self.database_ok = False
+                self._metrics.database_errors.labels("record").inc()
+                delay = backoff * (1 + random.random())
+                log.warning("could not record %d job(s) (%s); retrying in %.1fs", len(batch), _one_line(exc), delay)
+                await asyncio.sleep(delay)
+                backoff = min(backoff * 2, _MAX_BACKOFF_SECONDS)
+                continue
+            except psycopg.Error as exc:
+                self._metrics.database_errors.labels("record").inc()
+                log.warning("database refused a batch of %d outcome(s) (%s); writing them one by one", len(batch), exc)
+                return await self._write_one_by_one(batch)
+            self.database_ok = True
+            return written
+
+    async def _write(self, batch: list[tuple[ClaimedJob, dict[str, Any]]]) -> set[str]:
+        params = [self._params(job, outcome) for job, outcome in batch]
+        async with self._db_pool.connection() as conn, conn.cursor() as cur:
+            await cur.executemany(QUERIES["record_outcome"], params, returning=True)
+            written: set[str] = set()
+            while True:
+                written.update(str(row[0]) for row in await cur.fetchall())
+                if not cur.nextset():
+                    break
+        return written
+
+    async def _write_one_by_one(self, batch: list[tuple[ClaimedJob, dict[str, Any]]]) -> set[str]:
+        written: set[str] = set()
+        for job, outcome in batch:
+            try:
+                written |= await self._write_with_retry_single(job, outcome)
+            except psycopg.Error as exc:
+                replacement = {
+                    **outcome,
+                    "status": "failed",
+                    "result_json": None,
+                    "error_message": f"the database refused the job's outcome: {_one_line(exc)}",
+                    "stdout": outcome.get("stdout", "")[:4096],
+                    "stderr": outcome.get("stderr", "")[:4096],
+                }
+                written |= await self._write_with_retry_single(job, replacement)
+        return written
+
+    async def _write_with_retry_single(self, job: ClaimedJob, outcome: dict[str, Any]) -> set[str]:
+        backoff = 0.1
+        while True:
+            try:
+                return await self._write([(job, outcome)])
+            except psycopg.OperationalError:
+                self._metrics.database_errors.labels("record").inc()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _MAX_BACKOFF_SECONDS)
+
+    def _params(self, job: ClaimedJob, outcome: dict[str, Any]) -> dict[str, Any]:
+        result = outcome.get("result_json")
+        return {
+            "id": job.id,
+            "worker_id": self._worker_id,
+            "attempt": job.attempt,
+            "status": outcome["status"],
+            "result": _JSON_NUL.sub(r"\1\\ufffd", _text(result)) if result is not None else None,
+            "error_message": _text(outcome.get("error_message")),
+            "stdout": _text(outcome.get("stdout")),
+            "stderr": _text(outcome.get("stderr")),
+            "exit_code": outcome.get("exit_code"),
+        }
+
+
+def _text(value: str | None) -> str | None:
+    """Make a string storable: no NUL, no lone surrogates (both become U+FFFD)."""
+    if value is None:
+        return None
+    if value.isascii():
+        return value.replace("\x00", "\ufffd")
+    return value.encode("utf-8", "surrogatepass").decode("utf-8", "replace").replace("\x00", "\ufffd")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

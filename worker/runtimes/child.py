@@ -1,0 +1,56 @@
+"""A pool child: runs one job at a time for the worker that started it.
+
+Started as ``python -m worker.runtimes.child``. It reads job frames on stdin
+and writes outcome frames to the pipe that was its stdout; anything else
+printed (by the engine or a library) goes to stderr so it can never corrupt
+the protocol. It exits when stdin closes, and the kernel kills it if the
+worker dies.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import traceback
+from typing import BinaryIO
+
+from worker.runtimes.protocol import outcome, read_frame, write_frame
+from worker.runtimes.python import become_subreaper, die_with_parent, run_python_script
+
+
+def serve(requests: BinaryIO, replies: BinaryIO) -> None:
+    """Answer job frames until end of input."""
+    from worker.runtimes.javascript import run_javascript
+
+    write_frame(replies, {"event": "ready", "pid": os.getpid()})
+    while (job := read_frame(requests)) is not None:
+        try:
+            if job["runtime"] == "javascript":
+                result = run_javascript(job)
+            elif job["runtime"] == "python":
+                result = run_python_script(
+                    job, on_spawn=lambda pid: write_frame(replies, {"event": "spawned", "pgid": pid})
+                )
+            else:
+                result = outcome("failed", error_message=f"unknown runtime {job['runtime']!r}")
+        except Exception as exc:  # a bug of ours must not take the slot down with the job
+            traceback.print_exc(file=sys.stderr)
+            result = outcome("failed", error_message=f"internal error running the job: {type(exc).__name__}: {exc}")
+        write_frame(replies, result)
+
+
+def main() -> None:
+    """Entry point of the child process."""
+    die_with_parent()
+    become_subreaper()
+    # An engine crash must be reported at once, not after writing a core dump.
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    replies = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # stray prints go to stderr, never into the reply pipe
+    sys.stdout = sys.stderr
+    serve(sys.stdin.buffer, replies)
+
+
+if __name__ == "__main__":
+    main()

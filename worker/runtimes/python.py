@@ -1,0 +1,350 @@
+"""Whitelisted Python scripts: the whitelist (worker side) and the runner (pool child side).
+
+A Python analysis names a script in ``ANALYTICS_SCRIPTS_DIR`` by bare name
+(``recalibrate_weights`` or ``recalibrate_weights.py``). The script runs
+under ``ANALYTICS_PYTHON`` in its own session with resource limits and a
+scrubbed environment; it reads the job's parameters as JSON on stdin and
+``parameters.args`` on argv. Its output is captured up to a cap; the last
+stdout line, when it is JSON, becomes the job's result.
+
+The pool child that runs scripts is a child subreaper, so descendants that
+escape the process group (``setsid``) are re-parented to it and are found
+and killed when the job ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import re
+import resource
+import selectors
+import signal
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from worker.runtimes.protocol import outcome
+
+TERM_GRACE_SECONDS = 5.0
+_ORPHAN_GRACE_SECONDS = 0.2
+_BARE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+_PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
+_FILE_SIZE_LIMIT = 256 * 1024 * 1024
+
+
+class ScriptNotAllowed(ValueError):
+    """The analysis names a script that is not in the whitelist."""
+
+
+class ScriptWhitelist:
+    """The ``*.py`` files directly inside the scripts folder, re-read when it changes."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder.expanduser().absolute()
+        self._stamp: tuple[int, int] | None = None
+        self._names: dict[str, Path] = {}
+
+    def names(self) -> list[str]:
+        """Sorted bare names of the scripts that may run."""
+        self._refresh()
+        return sorted(self._names)
+
+    def resolve(self, name: str | None) -> Path:
+        """Return the script's path, or raise ScriptNotAllowed with a reason."""
+        if not name or not _BARE_NAME.match(name) or ".." in name:
+            raise ScriptNotAllowed(
+                f"script name {name!r} is not a bare name: only scripts directly inside "
+                f"ANALYTICS_SCRIPTS_DIR ({self.folder}) may run"
+            )
+        self._refresh()
+        path = self._names.get(name.removesuffix(".py"))
+        if path is None:
+            known = ", ".join(sorted(self._names)) or "none"
+            raise ScriptNotAllowed(
+                f"script {name!r} is not in the whitelist (ANALYTICS_SCRIPTS_DIR={self.folder}; known scripts: {known})"
+            )
+        return path
+
+    def _refresh(self) -> None:
+        try:
+            stat = self.folder.stat()
+        except FileNotFoundError:
+            self._stamp, self._names = None, {}
+            return
+        stamp = (stat.st_mtime_ns, stat.st_ino)
+        if stamp == self._stamp:
+            return
+        names = {}
+        for entry in self.folder.iterdir():
+            if entry.suffix == ".py" and entry.is_file() and not entry.name.startswith(("_", ".")):
+                names[entry.stem] = entry.resolve()
+        self._stamp, self._names = stamp, names
+
+
+@dataclass
+class _Stream:
+    """One captured pipe: the first `limit` bytes kept, the rest counted."""
+
+    limit: int
+    data: bytearray
+    total: int = 0
+
+    def feed(self, chunk: bytes) -> None:
+        self.total += len(chunk)
+        room = self.limit - len(self.data)
+        if room > 0:
+            self.data += chunk[:room]
+
+    @property
+    def overflowed(self) -> bool:
+        return self.total > self.limit
+
+    def text(self) -> str:
+        text = self.data.decode("utf-8", "replace")
+        if self.overflowed:
+            text += f"\n[output truncated: {self.total} bytes written, the first {self.limit} kept]\n"
+        return text
+
+
+def become_subreaper() -> None:
+    """Adopt orphaned descendants (Linux); a no-op where prctl is unavailable."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def die_with_parent() -> None:
+    """Ask the kernel to SIGKILL this process when its parent dies (Linux)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def run_python_script(job: dict[str, Any], on_spawn: Any = None) -> dict[str, Any]:
+    """Run the job's script to completion, timeout or kill; return an outcome.
+
+    ``on_spawn(pid)`` is called once the script started, so the pool can
+    reach its process group even if this process is killed.
+    """
+    try:
+        args = _script_args(job["parameters_json"])
+    except ValueError as exc:
+        return outcome("failed", error_message=str(exc))
+    timeout_s = job["timeout_ms"] / 1000
+    memory_limit = job["memory_limit_mb"] * 1024 * 1024
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
+        "LANG": "C.UTF-8",
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONIOENCODING": "utf-8",
+        "ANALYSIS_JOB_ID": job["job_id"],
+        "ANALYSIS_ID": job["analysis_id"],
+    }
+
+    def limit_resources() -> None:  # runs in the forked child, before exec
+        die_with_parent()
+        cpu_seconds = int(timeout_s) + 2
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds + 1))
+        resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (_FILE_SIZE_LIMIT, _FILE_SIZE_LIMIT))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+    with tempfile.TemporaryDirectory(prefix="analysis-job-") as workdir:
+        try:
+            proc = subprocess.Popen(
+                [job["python"], job["script_path"], *args],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                cwd=workdir,
+                env=env,
+                start_new_session=True,
+                preexec_fn=limit_resources,
+            )
+        except OSError as exc:
+            return outcome("failed", error_message=f"could not start {job['python']!r}: {exc.strerror or exc}")
+        if on_spawn is not None:
+            on_spawn(proc.pid)
+        return _supervise(proc, job, timeout_s)
+
+
+def _script_args(parameters_json: str) -> list[str]:
+    parameters = json.loads(parameters_json)
+    args = parameters.get("args", []) if isinstance(parameters, dict) else []
+    if not isinstance(args, list) or not all(isinstance(a, str | int | float) and a is not True for a in args):
+        raise ValueError("parameters.args must be a list of strings (or numbers)")
+    return [str(a) for a in args]
+
+
+def _supervise(proc: subprocess.Popen[bytes], job: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    limit = job["output_max_bytes"]
+    streams = {proc.stdout.fileno(): _Stream(limit, bytearray()), proc.stderr.fileno(): _Stream(limit, bytearray())}
+    stdout, stderr = streams[proc.stdout.fileno()], streams[proc.stderr.fileno()]
+    pending_input = memoryview(job["parameters_json"].encode("utf-8"))
+    selector = selectors.DefaultSelector()
+    selector.register(proc.stdout, selectors.EVENT_READ)
+    selector.register(proc.stderr, selectors.EVENT_READ)
+    os.set_blocking(proc.stdin.fileno(), False)
+    selector.register(proc.stdin, selectors.EVENT_WRITE)
+    stdin_open = True
+
+    started = time.monotonic()
+    deadline = started + timeout_s
+    kill_at: float | None = None
+    exited_at: float | None = None
+    verdict: str | None = None  # "timeout" | "output"
+    while selector.get_map():
+        now = time.monotonic()
+        if verdict is None and now >= deadline:
+            verdict, kill_at = "timeout", now + TERM_GRACE_SECONDS
+            _signal_everything(proc.pid, signal.SIGTERM)
+        if verdict is None and (stdout.overflowed or stderr.overflowed):
+            verdict, kill_at = "output", now
+        if kill_at is not None and now >= kill_at:
+            _kill_everything(proc.pid)
+            kill_at = None
+        if exited_at is None and proc.poll() is not None:
+            exited_at = now
+        if exited_at is not None and now - exited_at > _ORPHAN_GRACE_SECONDS:
+            break  # a descendant still holds the pipes open: stop waiting for EOF
+        waits = [w for w in (deadline - now if verdict is None else None, kill_at and kill_at - now) if w is not None]
+        for key, _ in selector.select(timeout=max(0.0, min([0.05, *waits]))):
+            if key.fileobj is proc.stdin:
+                try:
+                    written = os.write(proc.stdin.fileno(), pending_input[:65536])
+                    pending_input = pending_input[written:]
+                except (BrokenPipeError, BlockingIOError):
+                    pending_input = pending_input[:0]
+                if not pending_input:
+                    selector.unregister(proc.stdin)
+                    proc.stdin.close()
+                    stdin_open = False
+                continue
+            chunk = os.read(key.fd, 65536)
+            if chunk:
+                streams[key.fd].feed(chunk)
+            else:
+                selector.unregister(key.fileobj)
+    selector.close()
+    if stdin_open:
+        proc.stdin.close()
+    _kill_everything(proc.pid)
+    returncode = proc.wait()
+    _reap_orphans()
+    proc.stdout.close()
+    proc.stderr.close()
+    return _verdict(job, verdict, returncode, stdout, stderr)
+
+
+def _verdict(
+    job: dict[str, Any], verdict: str | None, returncode: int, stdout: _Stream, stderr: _Stream
+) -> dict[str, Any]:
+    out, err = stdout.text(), stderr.text()
+    if verdict == "timeout":
+        return outcome(
+            "timeout",
+            error_message=f"script exceeded the {job['timeout_ms']} ms time limit and was stopped",
+            stdout=out,
+            stderr=err,
+            exit_code=returncode,
+        )
+    if verdict == "output":
+        which = "stdout" if stdout.overflowed else "stderr"
+        return outcome(
+            "failed",
+            error_message=f"script output exceeded the {job['output_max_bytes']} byte limit on {which} "
+            "(JOB_OUTPUT_MAX_BYTES) and the script was stopped",
+            stdout=out,
+            stderr=err,
+            exit_code=returncode,
+        )
+    if returncode == 0:
+        return outcome("completed", result_json=_last_json_line(out), stdout=out, stderr=err, exit_code=0)
+    if returncode < 0:
+        name = signal.Signals(-returncode).name
+        if -returncode == signal.SIGXCPU:
+            return outcome(
+                "timeout",
+                error_message="script used up its CPU time limit",
+                stdout=out,
+                stderr=err,
+                exit_code=returncode,
+            )
+        return outcome(
+            "failed", error_message=f"script was killed by {name}", stdout=out, stderr=err, exit_code=returncode
+        )
+    last_error = next((line for line in reversed(err.splitlines()) if line.strip()), "")
+    if last_error.startswith("MemoryError"):
+        message = f"script exceeded the {job['memory_limit_mb']} MB memory limit (MemoryError)"
+    else:
+        message = f"script exited with code {returncode}" + (f": {last_error.strip()}" if last_error else "")
+    return outcome("failed", error_message=message, stdout=out, stderr=err, exit_code=returncode)
+
+
+def _last_json_line(stdout: str) -> str | None:
+    for line in reversed(stdout.splitlines()):
+        if line.strip():
+            try:
+                json.loads(line)
+            except ValueError:
+                return None
+            return line.strip()
+    return None
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signum)
+
+
+def _kill_everything(pgid: int) -> None:
+    _signal_everything(pgid, signal.SIGKILL)
+
+
+def _signal_everything(pgid: int, signum: int) -> None:
+    """Signal the script's process group and every descendant of this process.
+
+    Descendants that left the group (setsid) are still our descendants: the
+    pool child is a subreaper, so even orphans are re-parented to it.
+    """
+    _signal_group(pgid, signum)
+    for pid in _descendants(os.getpid()):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signum)
+
+
+def _reap_orphans(timeout: float = 2.0) -> None:
+    """Collect the exit statuses of killed descendants so none stays a zombie."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return  # no children left
+        if pid == 0:
+            time.sleep(0.005)
+
+
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rfind(")") + 2 :].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, frontier = [], [root]
+    while frontier:
+        for child in children.get(frontier.pop(), []):
+            found.append(child)
+            frontier.append(child)
+    return found

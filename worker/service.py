@@ -1,0 +1,256 @@
+"""The worker process: wires listener, executor, pool, recorder and HTTP together.
+
+Start-up order: database pool (fail fast with a clear error), schema check,
+process pool, HTTP, then the loops. Shutdown (SIGTERM/SIGINT): readiness
+turns 503, claiming stops, running jobs get ``SHUTDOWN_GRACE_SECONDS`` to
+finish, the rest are killed and handed back to ``pending``; exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from worker import __version__
+from worker.config import Settings
+from worker.db import redact_database_url
+from worker.executor import Executor
+from worker.http import build_app, start_http
+from worker.lifecycle import JobLifecycle
+from worker.listener import JobListener, Wakeups
+from worker.metrics import Metrics
+from worker.pool import ProcessPool
+from worker.queries import QUERIES
+from worker.recorder import Recorder
+from worker.runtimes.python import ScriptWhitelist
+
+log = logging.getLogger("worker")
+
+SHUTDOWN_GRACE_SECONDS = 25.0
+_DB_OPEN_TIMEOUT_SECONDS = 15.0
+
+
+class WorkerStartupError(RuntimeError):
+    """The worker could not start; the message says why in one line."""
+
+
+class Worker:
+    """One ``analysis-executor run`` process."""
+
+    def __init__(self, settings: Settings, *, shutdown_grace_seconds: float = SHUTDOWN_GRACE_SECONDS) -> None:
+        self.settings = settings
+        self.shutdown_grace_seconds = shutdown_grace_seconds
+        self.metrics = Metrics()
+        self.lifecycle = JobLifecycle(self.metrics)
+        self.wakeups = Wakeups(self.metrics)
+        self.whitelist = ScriptWhitelist(settings.scripts_dir)
+        self.listener = JobListener(settings.database_url, self.wakeups, self.metrics)
+        self.draining = False
+        self._started_at = time.monotonic()
+        self._serving = False
+        self._stats_ok = True
+        self._executor: Executor | None = None
+        self._recorder: Recorder | None = None
+        self._pool: ProcessPool | None = None
+
+    async def run(self, stop: asyncio.Event | None = None) -> int:
+        """Run until ``stop`` is set or SIGTERM/SIGINT arrives; return the exit code.
+
+        Raises WorkerStartupError when the database, the schema, the pool or
+        the HTTP port is not usable.
+        """
+        settings = self.settings
+        stop = stop or asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        log.info(
+            "Analysis Executor starting... version %s, worker %s, concurrency %d, database %s",
+            __version__,
+            settings.worker_id,
+            settings.concurrency,
+            redact_database_url(settings.database_url),
+        )
+        self.metrics.build_info.info({"version": __version__, "worker_id": settings.worker_id})
+        self.metrics.pool_size.set(settings.concurrency)
+
+        db_pool = AsyncConnectionPool(
+            settings.database_url,
+            min_size=2,
+            max_size=4,
+            open=False,
+            check=AsyncConnectionPool.check_connection,
+            kwargs={"autocommit": True, "application_name": "analysis-executor worker"},
+            name="analysis-executor",
+        )
+        try:
+            await db_pool.open(wait=True, timeout=_DB_OPEN_TIMEOUT_SECONDS)
+        except PoolTimeout:
+            await db_pool.close()
+            raise WorkerStartupError(
+                f"cannot connect to the database at {redact_database_url(settings.database_url)}"
+            ) from None
+        tasks: list[asyncio.Task[Any]] = []
+        runner = None
+        try:
+            await self._check_schema(db_pool)
+            self._pool = ProcessPool(
+                settings.concurrency, on_respawn=lambda reason: self.metrics.pool_restarts.labels(reason).inc()
+            )
+            await self._pool.start()
+            self._recorder = Recorder(db_pool, settings.worker_id, self.metrics)
+            self._executor = Executor(
+                settings,
+                db_pool,
+                self._pool,
+                self._recorder,
+                self.whitelist,
+                self.wakeups,
+                self.lifecycle,
+                self.metrics,
+            )
+            app = build_app(self, self.metrics, before_scrape=self._refresh_in_flight)
+            try:
+                runner = await start_http(app, settings.host, settings.port)
+            except OSError as exc:
+                raise WorkerStartupError(
+                    f"cannot serve HTTP on {settings.host}:{settings.port}: {exc.strerror}"
+                ) from None
+            log.info("HTTP server listening on http://%s:%d (/health, /metrics)", settings.host, settings.port)
+
+            tasks.append(asyncio.create_task(self._recorder.run(), name="recorder"))
+            if settings.listen:
+                tasks.append(asyncio.create_task(self.listener.run(), name="listener"))
+            else:
+                self.wakeups.wake("startup")
+            tasks.append(asyncio.create_task(self.wakeups.run_poller(settings.poll_interval_ms / 1000), name="poller"))
+            tasks.append(asyncio.create_task(self._refresh_queue_stats(db_pool), name="queue-stats"))
+            executor_task = asyncio.create_task(self._executor.run(), name="executor")
+            tasks.append(executor_task)
+            self._serving = True
+            self.metrics.up.set(1)
+            log.info(
+                "Job poller started (LISTEN %s, poll every %d ms)",
+                "on" if settings.listen else "off",
+                settings.poll_interval_ms,
+            )
+
+            stop_wait = asyncio.create_task(stop.wait())
+            await asyncio.wait([stop_wait, executor_task], return_when=asyncio.FIRST_COMPLETED)
+            if executor_task.done() and executor_task.exception() is not None:
+                raise executor_task.exception()  # type: ignore[misc]
+            stop_wait.cancel()
+            await self._shutdown()
+            return 0
+        finally:
+            self._serving = False
+            self.metrics.up.set(0)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if self._pool is not None:
+                await self._pool.close()
+            if runner is not None:
+                await runner.cleanup()
+            await db_pool.close()
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(signum)
+            log.info("Analysis Executor stopped")
+
+    async def _shutdown(self) -> None:
+        assert self._executor is not None
+        self.draining = True
+        log.info("shutting down: no new claims; running jobs get %.0fs to finish", self.shutdown_grace_seconds)
+        self._executor.stop_claiming()
+        leftovers = await self._executor.drain(self.shutdown_grace_seconds)
+        if leftovers:
+            try:
+                await self._executor.release(leftovers)
+            except psycopg.Error as exc:
+                log.error("could not hand %d job(s) back to the queue: %s", len(leftovers), exc)
+
+    async def _check_schema(self, db_pool: AsyncConnectionPool) -> None:
+        async with db_pool.connection() as conn:
+            row = await (await conn.execute("SELECT to_regclass('analysis_jobs') IS NOT NULL")).fetchone()
+        if not row or not row[0]:
+            raise WorkerStartupError("the database has no analysis_jobs table: run `analysis-executor migrate` first")
+
+    async def _refresh_queue_stats(self, db_pool: AsyncConnectionPool) -> None:
+        while True:
+            try:
+                async with db_pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+                    await cur.execute(QUERIES["queue_stats"])
+                    stats = await cur.fetchone()
+                assert stats is not None
+                self.metrics.queue_depth.labels("pending").set(stats["pending_due"])
+                self.metrics.queue_depth.labels("scheduled").set(stats["pending_scheduled"])
+                self.metrics.queue_depth.labels("running").set(stats["running"])
+                self.metrics.oldest_pending_age.set(float(stats["oldest_pending_age_seconds"] or 0))
+                self._stats_ok = True
+            except (psycopg.Error, PoolTimeout) as exc:
+                self._stats_ok = False
+                self.metrics.database_errors.labels("queue_stats").inc()
+                log.warning("could not refresh queue statistics: %s", str(exc).strip().splitlines()[0])
+            self.metrics.up.set(1 if self.database_ok else 0)
+            await asyncio.sleep(self.settings.metrics_refresh_seconds)
+
+    def _refresh_in_flight(self) -> None:
+        if self._executor is not None:
+            self.metrics.jobs_in_flight.set(self._executor.in_flight)
+
+    @property
+    def database_ok(self) -> bool:
+        """False once any recent database operation failed."""
+        parts = [self._stats_ok]
+        if self._executor is not None:
+            parts.append(self._executor.database_ok)
+        if self._recorder is not None:
+            parts.append(self._recorder.database_ok)
+        return all(parts)
+
+    def health(self) -> dict[str, Any]:
+        """The /health document."""
+        listener = (
+            "disabled" if not self.settings.listen else ("connected" if self.listener.connected else "disconnected")
+        )
+        healthy = self._serving and self.database_ok and listener != "disconnected"
+        return {
+            "status": "healthy" if healthy else "unhealthy",
+            "version": __version__,
+            "jobs_processed": self.lifecycle.jobs_processed,
+            "jobs_in_flight": self._executor.in_flight if self._executor else 0,
+            "pool_size": self.settings.concurrency,
+            "listener": listener,
+            "database": "ok" if self.database_ok else "unreachable",
+            "draining": self.draining,
+            "uptime_seconds": round(time.monotonic() - self._started_at, 3),
+            "worker_id": self.settings.worker_id,
+        }
+
+    def ready(self) -> tuple[bool, str]:
+        """Readiness: serving, database reachable, listener up, not draining."""
+        if self.draining:
+            return False, "draining"
+        if not self._serving:
+            return False, "starting"
+        if not self.database_ok:
+            return False, "database unreachable"
+        if self.settings.listen and not self.listener.connected:
+            return False, "listener disconnected"
+        return True, "ok"
+
+
+def run_worker(settings: Settings) -> int:
+    """Run a worker in a fresh event loop; return the exit code."""
+    worker = Worker(settings)
+    with contextlib.suppress(KeyboardInterrupt):
+        return asyncio.run(worker.run())
+    return 0
