@@ -114,3 +114,38 @@ def connect(url: str, *, autocommit: bool = True, application_name: str = "analy
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0].strip() if text else type(exc).__name__
+
+
+class DedicatedConnection:
+    """One long-lived async connection for a hot path, reopened after a failure.
+
+    Cheaper than a pool checkout per use (no health-check round trip); a
+    caller that sees ``psycopg.OperationalError`` calls ``discard()`` and the
+    next ``get()`` reconnects.
+    """
+
+    def __init__(self, url: str, application_name: str) -> None:
+        self._url = url
+        self._application_name = application_name
+        self._conn: psycopg.AsyncConnection | None = None
+
+    async def get(self) -> psycopg.AsyncConnection:
+        """The open connection, connecting first if needed (raises OperationalError)."""
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            self._conn = await psycopg.AsyncConnection.connect(
+                self._url,
+                autocommit=True,
+                connect_timeout=CONNECT_TIMEOUT_SECONDS,
+                application_name=self._application_name,
+            )
+        return self._conn
+
+    async def discard(self) -> None:
+        """Drop the connection after an error; the next get() opens a new one."""
+        conn, self._conn = self._conn, None
+        if conn is not None and not conn.closed:
+            await conn.close()
+
+    async def close(self) -> None:
+        """Close for good."""
+        await self.discard()

@@ -21,6 +21,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from worker.config import Settings
+from worker.db import DedicatedConnection
 from worker.lifecycle import ClaimedJob, JobLifecycle
 from worker.listener import Wakeups
 from worker.metrics import Metrics
@@ -57,6 +58,7 @@ class Executor:
         self._wakeups = wakeups
         self._lifecycle = lifecycle
         self._metrics = metrics
+        self._claim_conn = DedicatedConnection(settings.database_url, "analysis-executor claims")
         self._running: dict[str, asyncio.Task[None]] = {}
         self._claiming = True
         self._backlog = False
@@ -86,35 +88,41 @@ class Executor:
             self._backlog = True
             return 0
         try:
-            jobs, next_due = await self._claim(free)
+            jobs = await self._claim(free)
+            self._start(jobs)
+            self._backlog = len(jobs) == free
+            if not self._backlog:
+                await self._set_timer_for_next_due_job()
         except psycopg.Error as exc:
+            await self._claim_conn.discard()
             self.database_ok = False
             self._metrics.database_errors.labels("claim").inc()
             log.warning("claim failed (%s); retrying in %.0fs", str(exc).strip().splitlines()[0], _CLAIM_RETRY_SECONDS)
             self._wakeups.wake_at(_CLAIM_RETRY_SECONDS)
             return 0
         self.database_ok = True
-        self._backlog = len(jobs) == free
-        if next_due is not None:
-            self._wakeups.wake_at((next_due - datetime.now(UTC)).total_seconds())
-        self._lifecycle.claimed(jobs)
-        for job in jobs:
-            task = asyncio.create_task(self._run_job(job), name=f"job-{job.id}")
-            self._running[job.id] = task
         return len(jobs)
 
-    async def _claim(self, limit: int) -> tuple[list[ClaimedJob], datetime | None]:
-        async with self._db_pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+    async def _claim(self, limit: int) -> list[ClaimedJob]:
+        conn = await self._claim_conn.get()
+        async with conn.cursor(row_factory=dict_row) as cur:
             await cur.execute(
                 QUERIES["claim_jobs"], {"limit": limit, "worker_id": self._settings.worker_id}, prepare=True
             )
-            jobs = [ClaimedJob.from_row(row) for row in await cur.fetchall()]
-            next_due = None
-            if len(jobs) < limit:
-                await cur.execute(QUERIES["next_run_at"], prepare=True)
-                row = await cur.fetchone()
-                next_due = row["next_run_at"] if row else None
-        return jobs, next_due
+            return [ClaimedJob.from_row(row) for row in await cur.fetchall()]
+
+    def _start(self, jobs: list[ClaimedJob]) -> None:
+        self._lifecycle.claimed(jobs)
+        for job in jobs:
+            self._running[job.id] = asyncio.create_task(self._run_job(job), name=f"job-{job.id}")
+
+    async def _set_timer_for_next_due_job(self) -> None:
+        conn = await self._claim_conn.get()
+        async with conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(QUERIES["next_run_at"], prepare=True)
+            row = await cur.fetchone()
+        if row and row["next_run_at"] is not None:
+            self._wakeups.wake_at((row["next_run_at"] - datetime.now(UTC)).total_seconds())
 
     async def _run_job(self, job: ClaimedJob) -> None:
         started = time.monotonic()
@@ -175,6 +183,10 @@ class Executor:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         return leftovers
+
+    async def close(self) -> None:
+        """Close the claim connection."""
+        await self._claim_conn.close()
 
     async def release(self, job_ids: list[str]) -> None:
         """Hand unfinished jobs back to ``pending`` without spending an attempt."""

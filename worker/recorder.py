@@ -16,8 +16,8 @@ import re
 from typing import Any
 
 import psycopg
-from psycopg_pool import AsyncConnectionPool
 
+from worker.db import DedicatedConnection
 from worker.lifecycle import ClaimedJob
 from worker.metrics import Metrics
 from worker.queries import QUERIES
@@ -32,8 +32,8 @@ _JSON_NUL = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
 class Recorder:
     """Queue of outcomes to write; ``record`` returns once its row was written (or fenced off)."""
 
-    def __init__(self, db_pool: AsyncConnectionPool, worker_id: str, metrics: Metrics) -> None:
-        self._db_pool = db_pool
+    def __init__(self, database_url: str, worker_id: str, metrics: Metrics) -> None:
+        self._conn = DedicatedConnection(database_url, "analysis-executor recorder")
         self._worker_id = worker_id
         self._metrics = metrics
         self._queue: asyncio.Queue[tuple[ClaimedJob, dict[str, Any], asyncio.Future[bool]]] = asyncio.Queue()
@@ -44,6 +44,10 @@ class Recorder:
         done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((job, outcome, done))
         return await done
+
+    async def close(self) -> None:
+        """Close the recorder's connection."""
+        await self._conn.close()
 
     async def run(self) -> None:
         """Write batches until cancelled."""
@@ -62,6 +66,7 @@ class Recorder:
             try:
                 written = await self._write(batch)
             except psycopg.OperationalError as exc:
+                await self._conn.discard()
                 self.database_ok = False
                 self._metrics.database_errors.labels("record").inc()
                 delay = backoff * (1 + random.random())
@@ -78,7 +83,8 @@ class Recorder:
 
     async def _write(self, batch: list[tuple[ClaimedJob, dict[str, Any]]]) -> set[str]:
         params = [self._params(job, outcome) for job, outcome in batch]
-        async with self._db_pool.connection() as conn, conn.cursor() as cur:
+        conn = await self._conn.get()
+        async with conn.cursor() as cur:
             await cur.executemany(QUERIES["record_outcome"], params, returning=True)
             written: set[str] = set()
             while True:
@@ -110,6 +116,7 @@ class Recorder:
             try:
                 return await self._write([(job, outcome)])
             except psycopg.OperationalError:
+                await self._conn.discard()
                 self._metrics.database_errors.labels("record").inc()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _MAX_BACKOFF_SECONDS)

@@ -106,7 +106,7 @@ class Worker:
                 settings.concurrency, on_respawn=lambda reason: self.metrics.pool_restarts.labels(reason).inc()
             )
             await self._pool.start()
-            self._recorder = Recorder(db_pool, settings.worker_id, self.metrics)
+            self._recorder = Recorder(settings.database_url, settings.worker_id, self.metrics)
             self._executor = Executor(
                 settings,
                 db_pool,
@@ -158,6 +158,10 @@ class Worker:
             await asyncio.gather(*tasks, return_exceptions=True)
             if self._pool is not None:
                 await self._pool.close()
+            if self._executor is not None:
+                await self._executor.close()
+            if self._recorder is not None:
+                await self._recorder.close()
             if runner is not None:
                 await runner.cleanup()
             await db_pool.close()
