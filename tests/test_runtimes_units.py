@@ -1,0 +1,67 @@
+"""Pure logic of the runtimes: default-export rewriting, the frame protocol, the whitelist."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+import quickjs
+
+from worker.runtimes.javascript import DEFAULT_EXPORT, expose_default_export
+from worker.runtimes.protocol import encode_frame, read_frame
+from worker.runtimes.python import ScriptNotAllowed, ScriptWhitelist
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "export default function analyze(data) { return 42; }",
+        "export default async function analyze(p) { return 42; }",
+        "export default function (p) { return 42; }",
+        "export default (p) => 42;",
+        "const f = () => 42;\nexport default f;",
+        "function analyze(p) { return 42; }",
+        "export default function analyze(n) { return n > 0 ? analyze(n - 1) : 42; }",
+    ],
+)
+def test_every_default_export_form_is_reachable(source: str) -> None:
+    context = quickjs.Context()
+    context.module(expose_default_export(source))
+    value = context.eval(f"globalThis.{DEFAULT_EXPORT}(3)")
+    if not isinstance(value, int):  # an async function returns a promise
+        context.eval(f"globalThis.r = null; globalThis.{DEFAULT_EXPORT}(3).then(v => {{ globalThis.r = v; }})")
+        while context.execute_pending_job():
+            pass
+        value = context.eval("globalThis.r")
+    assert value == 42
+
+
+def test_frames_round_trip_unicode_and_end_cleanly() -> None:
+    message = {"status": "completed", "stdout": "héllo \u2603\n", "result_json": '{"a": 1}'}
+    stream = io.BytesIO(encode_frame(message) + encode_frame({"event": "ready"}))
+    assert read_frame(stream) == message
+    assert read_frame(stream) == {"event": "ready"}
+    assert read_frame(stream) is None
+
+
+def test_whitelist_accepts_bare_names_with_or_without_suffix(tmp_path: Path) -> None:
+    (tmp_path / "recalibrate_weights.py").write_text("")
+    whitelist = ScriptWhitelist(tmp_path)
+    assert whitelist.resolve("recalibrate_weights") == whitelist.resolve("recalibrate_weights.py")
+    assert whitelist.names() == ["recalibrate_weights"]
+
+
+@pytest.mark.parametrize("name", ["../etc/passwd", "/usr/bin/python3", "sub/dir", "", None, "..", "a..b"])
+def test_whitelist_refuses_anything_but_a_bare_name(tmp_path: Path, name: str | None) -> None:
+    with pytest.raises(ScriptNotAllowed, match="not a bare name"):
+        ScriptWhitelist(tmp_path).resolve(name)
+
+
+def test_whitelist_ignores_private_files(tmp_path: Path) -> None:
+    (tmp_path / "_helpers.py").write_text("")
+    (tmp_path / "__init__.py").write_text("")
+    whitelist = ScriptWhitelist(tmp_path)
+    assert whitelist.names() == []
+    with pytest.raises(ScriptNotAllowed, match="not in the whitelist"):
+        whitelist.resolve("_helpers")
