@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 from collections.abc import Callable
+from pathlib import Path
 
 import psycopg
+import pytest
 
 from tests.conftest import WorkerProcess, create_analysis, submit, wait_for_jobs
 from tests.test_schema import SEED_MONITORING_QUERIES, SEED_SUBMIT_JOB
@@ -216,3 +220,21 @@ def test_stored_text_survives_nul_characters(
     assert row["status"] == "completed"
     assert row["result"] == {"s": "x\ufffdy"}
     assert row["stdout"] == "a\ufffdb\n"
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian package prometheus) is not installed")
+def test_promtool_finds_nothing_to_complain_about_in_metrics(
+    db: psycopg.Connection, start_worker: Callable[..., WorkerProcess], scripts_dir: Path
+) -> None:
+    (scripts_dir / "ok.py").write_text("print(1)\n")
+    worker = start_worker()
+    jobs = [
+        submit(db, create_analysis(db, script=SEED_SCRIPT)),
+        submit(db, create_analysis(db, script="export default function analyze() { throw 1; }")),
+        submit(db, create_analysis(db, script_name="ok")),
+    ]
+    wait_for_jobs(db, jobs)
+    _, text = worker.get("/metrics")
+    check = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert (check.stdout + check.stderr).strip() == ""
