@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import pwd
 import signal
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import psycopg
 import pytest
 
+from tests.conftest import free_port
 from worker.embedded import EmbeddedPostgres
 
 
@@ -65,23 +70,39 @@ def test_a_second_handle_attaches_without_owning_the_server(tmp_path: Path) -> N
 
 
 @pytest.mark.slow
-def test_dev_command_prints_a_working_url_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+def test_dev_command_runs_the_demo_end_to_end_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "worker", "dev", "--data-dir", str(tmp_path / "pgdata")],
+        [sys.executable, "-m", "worker", "dev", "--data-dir", str(tmp_path / "pgdata"), "--port", str(port)],
         stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
     )
     try:
-        url = ""
         assert proc.stdout is not None
+        printed = []
         for line in proc.stdout:
-            if line.strip().startswith("psql "):
-                url = line.split()[1]
+            printed.append(line)
+            if "analysis-executor submit" in line:
                 break
-        assert url.endswith("/analysis_executor"), url
-        with psycopg.connect(url) as conn:
-            assert conn.execute("SELECT count(*) FROM analysis_jobs").fetchone() == (0,)
+        text = "".join(printed)
+        url = next(line.split()[1] for line in printed if line.strip().startswith("psql postgresql"))
+        assert url.endswith("/analysis_executor"), text
+        assert "INSERT INTO analysis_jobs" in text
+        demo_id = text.split("analysis-executor submit ", 1)[1].split()[0]
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                if urllib.request.urlopen(f"http://127.0.0.1:{port}/health/ready", timeout=2).status == 200:
+                    break
+            time.sleep(0.1)
+        submitted = subprocess.run(
+            [sys.executable, "-m", "worker", "submit", demo_id, "--params", '{"values": [3, 5, 8]}', "--wait",
+             "--wait-timeout", "60", "--database-url", url],
+            capture_output=True, text=True, timeout=90,
+        )  # fmt: skip
+        assert submitted.returncode == 0, submitted.stderr
+        assert json.loads(submitted.stdout)["result"] == {"count": 3, "sum": 16, "mean": 16 / 3}
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
         assert not _accepts_connections(url)

@@ -238,3 +238,21 @@ def test_promtool_finds_nothing_to_complain_about_in_metrics(
     check = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
     assert check.returncode == 0, check.stdout + check.stderr
     assert (check.stdout + check.stderr).strip() == ""
+
+
+def test_worker_reconnects_and_claims_after_its_connections_are_terminated(
+    db: psycopg.Connection, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    worker = start_worker("--poll-interval-ms", "600000")
+    analysis = create_analysis(db, script=SEED_SCRIPT)
+    wait_for_jobs(db, [submit(db, analysis)])
+    killed = db.execute(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+        " WHERE application_name LIKE 'analysis-executor%%' AND datname = current_database()"
+    ).fetchone()
+    assert killed is not None and killed[0] >= 2
+    job_id = submit(db, analysis)
+    assert wait_for_jobs(db, [job_id], timeout=30)[job_id]["status"] == "completed"
+    later = submit(db, analysis)
+    assert wait_for_jobs(db, [later], timeout=30)[later]["status"] == "completed"
+    assert json.loads(worker.get("/health")[1])["listener"] == "connected"
