@@ -9,18 +9,27 @@ variables, and ``--help`` names them.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import psycopg
+
 from worker import __version__
 from worker.config import ConfigError, Settings, load_settings
-from worker.db import DatabaseUnavailable, InvalidDatabaseURL, connect, validate_database_url
+from worker.db import (
+    CONNECT_TIMEOUT_SECONDS,
+    DatabaseUnavailable,
+    InvalidDatabaseURL,
+    connect,
+    redact_database_url,
+    validate_database_url,
+)
 from worker.logs import configure_logging
 
 EXIT_OK = 0
@@ -42,7 +51,7 @@ class _Parser(argparse.ArgumentParser):
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the process exit code."""
     from worker.embedded import EmbeddedPostgresError
-    from worker.jobs import InvalidJobRequest, JobNotFound
+    from worker.jobs import InvalidJobRequest, JobAlreadyFinished, JobNotFound
     from worker.service import WorkerStartupError
 
     args = _build_parser().parse_args(argv)
@@ -50,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command: Callable[[argparse.Namespace], int] = args.command
     try:
         return command(args)
-    except (UsageError, InvalidDatabaseURL, ConfigError, InvalidJobRequest, JobNotFound) as exc:
+    except (UsageError, InvalidDatabaseURL, ConfigError, InvalidJobRequest, JobNotFound, JobAlreadyFinished) as exc:
         print(f"analysis-executor: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except (DatabaseUnavailable, WorkerStartupError, EmbeddedPostgresError, TimeoutError) as exc:
@@ -121,6 +130,12 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_database_url(show)
     _add_log_level(show)
     show.set_defaults(command=_show)
+
+    cancel = commands.add_parser("cancel", help="cancel a pending or running job")
+    cancel.add_argument("job_id")
+    _add_database_url(cancel)
+    _add_log_level(cancel)
+    cancel.set_defaults(command=_cancel)
 
     scripts = commands.add_parser("scripts", help="the whitelisted Python scripts")
     scripts.add_argument(
@@ -247,41 +262,70 @@ def _dev(args: argparse.Namespace) -> int:
         server.stop()
 
 
+async def _connect(args: argparse.Namespace) -> psycopg.AsyncConnection:
+    url = _database_url(args)
+    try:
+        return await psycopg.AsyncConnection.connect(url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_SECONDS)
+    except psycopg.OperationalError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DatabaseUnavailable(f"cannot connect to the database at {redact_database_url(url)}: {first}") from None
+
+
 def _submit(args: argparse.Namespace) -> int:
-    from worker.jobs import parse_parameters, submit_job, wait_for_job
+    from worker.jobs import parse_parameters, parse_timestamp, submit_job, wait_for_job
 
     parameters = parse_parameters(args.params)
     if args.max_attempts is not None and args.max_attempts < 1:
         raise UsageError("--max-attempts must be at least 1")
-    run_at = None
-    if args.run_at is not None:
-        try:
-            run_at = datetime.fromisoformat(args.run_at)
-        except ValueError:
-            raise UsageError(f"--run-at {args.run_at!r} is not an ISO 8601 timestamp") from None
-    with connect(_database_url(args)) as conn:
-        job_id = submit_job(
-            conn,
-            args.analysis_id,
-            parameters,
-            priority=args.priority,
-            run_at=run_at,
-            max_attempts=args.max_attempts,
+    run_at = parse_timestamp(args.run_at) if args.run_at is not None else None
+
+    async def submit() -> dict[str, Any] | str:
+        async with await _connect(args) as conn:
+            job_id = await submit_job(
+                conn,
+                args.analysis_id,
+                parameters,
+                priority=args.priority,
+                run_at=run_at,
+                max_attempts=args.max_attempts,
+            )
+            if not args.wait:
+                return job_id
+            return await wait_for_job(conn, job_id, args.wait_timeout)
+
+    job = asyncio.run(submit())
+    if isinstance(job, str):
+        print(job)
+        return EXIT_OK
+    print(
+        json.dumps(
+            {"id": str(job["id"]), "status": job["status"], "result": job["result"], "error": job["error_message"]}
         )
-        if not args.wait:
-            print(job_id)
-            return EXIT_OK
-        job = wait_for_job(conn, job_id, args.wait_timeout)
-    print(json.dumps({"id": job_id, "status": job["status"], "result": job["result"], "error": job["error_message"]}))
+    )
     return EXIT_OK if job["status"] == "completed" else EXIT_FAILURE
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    from worker.jobs import cancel_job
+
+    async def cancel() -> dict[str, Any]:
+        async with await _connect(args) as conn:
+            return await cancel_job(conn, args.job_id)
+
+    job = asyncio.run(cancel())
+    print(f"job {job['id']} cancelled")
+    return EXIT_OK
 
 
 def _status(args: argparse.Namespace) -> int:
     from worker.jobs import queue_summary
 
-    with connect(_database_url(args)) as conn:
-        summary = queue_summary(conn)
-    live = summary["live"]
+    async def summary() -> dict[str, Any]:
+        async with await _connect(args) as conn:
+            return await queue_summary(conn)
+
+    summary_ = asyncio.run(summary())
+    live = summary_["live"]
     print("queue now:")
     print(f"  pending (due)        {live['pending_due']}")
     print(f"  scheduled (future)   {live['pending_scheduled']}")
@@ -289,12 +333,16 @@ def _status(args: argparse.Namespace) -> int:
     age = live["oldest_pending_age_seconds"]
     print(f"  oldest pending age   {float(age):.1f}s" if age is not None else "  oldest pending age   -")
     print("last 24 hours by status:")
-    for status, count in sorted(summary["recent"].items()):
+    for status, count in sorted(summary_["recent"].items()):
         print(f"  {status:<20} {count}")
-    print("workers holding jobs:")
-    for worker in summary["workers"] or [{"worker_id": "(none)", "running_jobs": 0, "last_heartbeat": None}]:
+    workers = summary_["workers"]
+    print(f"workers alive: {len(workers)}")
+    for w in workers:
+        state = " (draining)" if w["draining"] else ""
         print(
-            f"  {worker['worker_id']:<40} running {worker['running_jobs']}  last heartbeat {worker['last_heartbeat']}"
+            f"  {w['id']:<36} host {w['host']} pid {w['pid']} v{w['version']}  running {w['running_jobs']}/"
+            f"{w['concurrency']}  processed {w['jobs_processed']}  started {w['started_at']:%Y-%m-%d %H:%M:%S}  "
+            f"last seen {w['last_seen_at']:%H:%M:%S}{state}"
         )
     return EXIT_OK
 
@@ -302,8 +350,11 @@ def _status(args: argparse.Namespace) -> int:
 def _jobs(args: argparse.Namespace) -> int:
     from worker.jobs import recent_jobs
 
-    with connect(_database_url(args)) as conn:
-        rows = recent_jobs(conn, args.limit, args.status)
+    async def fetch() -> list[dict[str, Any]]:
+        async with await _connect(args) as conn:
+            return await recent_jobs(conn, args.limit, args.status)
+
+    rows = asyncio.run(fetch())
     print(f"{'id':<36}  {'status':<9}  {'attempts':>8}  {'ms':>8}  {'created':<19}  analysis / error")
     for row in rows:
         duration = "" if row["duration_ms"] is None else str(row["duration_ms"])
@@ -314,11 +365,15 @@ def _jobs(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from worker.jobs import get_job
+    from worker.jobs import get_attempts, get_job
 
-    with connect(_database_url(args)) as conn:
-        job = get_job(conn, args.job_id)
-    print(json.dumps(job, indent=2, default=str))
+    async def fetch() -> dict[str, Any]:
+        async with await _connect(args) as conn:
+            job = await get_job(conn, args.job_id)
+            job["attempts_history"] = await get_attempts(conn, job["id"])
+            return job
+
+    print(json.dumps(asyncio.run(fetch()), indent=2, default=str))
     return EXIT_OK
 
 

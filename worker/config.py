@@ -44,6 +44,11 @@ class Settings:
     metrics_refresh_seconds: float = 10.0
     worker_id: str = field(default_factory=lambda: default_worker_id())
     listen: bool = True
+    job_lease_seconds: float = 30.0
+    shutdown_grace_seconds: float = 25.0
+    job_retention_days: int = 30
+    api_token: str | None = field(default=None, repr=False)
+    http_max_body_bytes: int = 1024 * 1024
 
     @property
     def binds_loopback_only(self) -> bool:
@@ -78,6 +83,11 @@ _ENV_NAMES = {
     "python_executable": "ANALYTICS_PYTHON",
     "metrics_refresh_seconds": "METRICS_REFRESH_SECONDS",
     "worker_id": "WORKER_ID",
+    "job_lease_seconds": "JOB_LEASE_SECONDS",
+    "shutdown_grace_seconds": "SHUTDOWN_GRACE_SECONDS",
+    "job_retention_days": "JOB_RETENTION_DAYS",
+    "api_token": "ANALYSIS_EXECUTOR_API_TOKEN",
+    "http_max_body_bytes": "HTTP_MAX_BODY_BYTES",
 }
 
 ENV_VARIABLES: Mapping[str, str] = _ENV_NAMES
@@ -92,7 +102,11 @@ _POSITIVE_INTS = {
     "js_stack_limit_kb": (64, 1_048_576),
     "output_max_bytes": (1024, 1 << 30),
     "result_max_bytes": (1024, 1 << 31),
+    "job_retention_days": (0, 36500),
+    "http_max_body_bytes": (1024, 1 << 30),
 }
+
+_POSITIVE_FLOATS = ("metrics_refresh_seconds", "job_lease_seconds", "shutdown_grace_seconds")
 
 
 def load_settings(overrides: Mapping[str, object], environ: Mapping[str, str] | None = None) -> Settings:
@@ -116,8 +130,9 @@ def load_settings(overrides: Mapping[str, object], environ: Mapping[str, str] | 
     for name, (low, high) in _POSITIVE_INTS.items():
         if name in values:
             values[name] = _int_setting(name, values[name], low, high)
-    if "metrics_refresh_seconds" in values:
-        values["metrics_refresh_seconds"] = _float_setting("metrics_refresh_seconds", values["metrics_refresh_seconds"])
+    for name in _POSITIVE_FLOATS:
+        if name in values:
+            values[name] = _float_setting(name, values[name])
     if "scripts_dir" in values:
         values["scripts_dir"] = Path(str(values["scripts_dir"]))
     level = str(values.get("log_level", "info")).lower()

@@ -5,6 +5,11 @@ while more work is waiting), it claims with one statement
 (``sql/claim_jobs.sql``), hands each job to the process pool and passes the
 outcome to the recorder. A job holds its slot until its outcome is written,
 so a worker never has more than ``MAX_CONCURRENT_JOBS`` rows ``running``.
+
+A running job can be stopped from outside: cancelled by a user, taken away
+when its lease was lost, or killed at the end of a shutdown's grace period.
+Only its execution is interrupted (the pool kills its process); what happens
+to the row then depends on why.
 """
 
 from __future__ import annotations
@@ -34,6 +39,12 @@ from worker.runtimes.python import ScriptNotAllowed, ScriptWhitelist
 log = logging.getLogger(__name__)
 
 _CLAIM_RETRY_SECONDS = 1.0
+_RECORD_AT_SHUTDOWN_SECONDS = 10.0
+
+# Why a job's execution was interrupted.
+CANCELLED = "cancelled"  # a user cancelled it: the row is already 'cancelled'
+LEASE_LOST = "lease lost"  # the row is no longer ours: another attempt owns it now
+SHUTDOWN = "shutdown"  # the grace period ran out: hand it back to 'pending'
 
 
 class Executor:
@@ -60,6 +71,9 @@ class Executor:
         self._metrics = metrics
         self._claim_conn = DedicatedConnection(settings.database_url, "analysis-executor claims")
         self._running: dict[str, asyncio.Task[None]] = {}
+        self._executing: dict[str, asyncio.Task[dict[str, Any]]] = {}
+        self._interrupted: dict[str, str] = {}
+        self._released: list[str] = []
         self._claiming = True
         self._backlog = False
         self.database_ok = True
@@ -68,6 +82,10 @@ class Executor:
     def in_flight(self) -> int:
         """Jobs claimed by this worker and not yet recorded."""
         return len(self._running)
+
+    def executing_ids(self) -> list[str]:
+        """Ids of the jobs whose scripts are running right now."""
+        return list(self._executing)
 
     async def run(self) -> None:
         """Claim on every wake-up until claiming stops."""
@@ -124,16 +142,54 @@ class Executor:
         if row and row["next_run_at"] is not None:
             self._wakeups.wake_at((row["next_run_at"] - datetime.now(UTC)).total_seconds())
 
+    def interrupt(self, job_id: str, reason: str) -> bool:
+        """Stop a job's execution (kills its process); False if it is not executing here."""
+        task = self._executing.get(job_id)
+        if task is None or task.done():
+            return False
+        self._interrupted[job_id] = reason
+        task.cancel()
+        return True
+
     async def _run_job(self, job: ClaimedJob) -> None:
         started = time.monotonic()
+        execution = asyncio.create_task(self._execute(job))
+        self._executing[job.id] = execution
         try:
-            result = await self._execute(job)
-            written = await self._recorder.record(job, result)
-            self._lifecycle.finished(job, result, written=written, seconds=time.monotonic() - started)
+            try:
+                await asyncio.wait([execution])
+            except asyncio.CancelledError:
+                execution.cancel()
+                raise
+            del self._executing[job.id]
+            reason = self._interrupted.pop(job.id, None)
+            if execution.cancelled():
+                self._after_interruption(job, reason or SHUTDOWN, time.monotonic() - started)
+                return
+            result = execution.result()
+            stored = await self._recorder.record(job, result, retry=self._should_retry(job, result))
+            self._lifecycle.finished(job, result, stored_status=stored, seconds=time.monotonic() - started)
         finally:
+            self._executing.pop(job.id, None)
             del self._running[job.id]
             if self._backlog and self._claiming:
                 self._wakeups.wake("slot")
+
+    def _after_interruption(self, job: ClaimedJob, reason: str, seconds: float) -> None:
+        if reason == SHUTDOWN:
+            self._released.append(job.id)
+            self._lifecycle.interrupted(job, "released at shutdown")
+        elif reason == CANCELLED:
+            self._lifecycle.finished(
+                job, outcome("cancelled", error_message="cancelled"), stored_status="cancelled", seconds=seconds
+            )
+        else:
+            self._lifecycle.interrupted(job, reason)
+
+    def _should_retry(self, job: ClaimedJob, result: dict[str, Any]) -> bool:
+        if result.get("retryable"):
+            return True
+        return job.retry_script_errors and result["status"] in ("failed", "timeout")
 
     async def _execute(self, job: ClaimedJob) -> dict[str, Any]:
         if not job.is_active:
@@ -172,27 +228,32 @@ class Executor:
             "python": settings.python_executable,
         }
 
-    async def drain(self, grace_seconds: float) -> list[str]:
-        """Wait up to the grace period for running jobs; cancel the rest and return their ids."""
+    async def drain(self, grace_seconds: float) -> None:
+        """Let running jobs finish within the grace period, then kill the rest and hand them back."""
         if self._running:
             log.info("waiting up to %.0fs for %d running job(s) to finish", grace_seconds, len(self._running))
             await asyncio.wait(list(self._running.values()), timeout=grace_seconds)
-        leftovers = list(self._running)
-        tasks = list(self._running.values())
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        return leftovers
+        for job_id in list(self._executing):
+            self.interrupt(job_id, SHUTDOWN)
+        if self._running:
+            # Outcomes already produced still get written, briefly; anything
+            # left unwritten is rescued by the lease once we are gone.
+            await asyncio.wait(list(self._running.values()), timeout=_RECORD_AT_SHUTDOWN_SECONDS)
+        await self._release(self._released)
+
+    async def _release(self, job_ids: list[str]) -> None:
+        """Hand unfinished jobs back to ``pending`` without spending an attempt."""
+        if not job_ids:
+            return
+        try:
+            async with self._db_pool.connection() as conn, conn.transaction():
+                await conn.execute(QUERIES["release_jobs"], {"ids": job_ids, "worker_id": self._settings.worker_id})
+                await conn.execute(f"NOTIFY {JOBS_PENDING_CHANNEL}")
+        except psycopg.Error as exc:
+            log.error("could not hand %d job(s) back to the queue (their leases will expire): %s", len(job_ids), exc)
+            return
+        log.info("handed %d unfinished job(s) back to the queue", len(job_ids))
 
     async def close(self) -> None:
         """Close the claim connection."""
         await self._claim_conn.close()
-
-    async def release(self, job_ids: list[str]) -> None:
-        """Hand unfinished jobs back to ``pending`` without spending an attempt."""
-        if not job_ids:
-            return
-        async with self._db_pool.connection() as conn, conn.transaction():
-            await conn.execute(QUERIES["release_jobs"], {"ids": job_ids, "worker_id": self._settings.worker_id})
-            await conn.execute(f"NOTIFY {JOBS_PENDING_CHANNEL}")
-        log.info("handed %d unfinished job(s) back to the queue", len(job_ids))

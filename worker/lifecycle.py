@@ -35,6 +35,7 @@ class ClaimedJob:
     script_name: str | None
     timeout_ms: int | None
     memory_limit_mb: int | None
+    retry_script_errors: bool
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> ClaimedJob:
@@ -63,11 +64,11 @@ class JobLifecycle:
             self._metrics.queue_wait.labels(job.runtime).observe(job.queue_wait_seconds)
         self._metrics.jobs_in_flight.inc(len(jobs))
 
-    def finished(self, job: ClaimedJob, outcome: dict[str, Any], *, written: bool, seconds: float) -> None:
-        """A job's outcome was recorded (``written``) or discarded by the fence."""
+    def finished(self, job: ClaimedJob, outcome: dict[str, Any], *, stored_status: str | None, seconds: float) -> None:
+        """A job's attempt ended: ``stored_status`` is what the row now says (None: fenced off)."""
         self._metrics.jobs_in_flight.dec()
         context = {"job_id": job.id, "analysis_id": job.analysis_id, "attempt": job.attempt}
-        if not written:
+        if stored_status is None:
             log.warning(
                 "Job %s: outcome discarded: the job is no longer held by this worker (attempt %d)",
                 job.id,
@@ -75,13 +76,26 @@ class JobLifecycle:
                 extra=context,
             )
             return
-        status = outcome["status"]
         self.jobs_processed += 1
-        self._metrics.jobs_finished.labels(status, job.runtime).inc()
+        self._metrics.jobs_finished.labels(stored_status, job.runtime).inc()
         self._metrics.job_duration.labels(job.runtime).observe(seconds)
-        context.update(status=status, runtime=job.runtime, duration_ms=round(seconds * 1000, 3))
-        if status == "completed":
+        context.update(status=stored_status, runtime=job.runtime, duration_ms=round(seconds * 1000, 3))
+        error = (outcome.get("error_message") or outcome["status"]).splitlines()[0]
+        if stored_status == "completed":
             log.info("Job %s completed successfully", job.id, extra=context)
+        elif stored_status == "pending":
+            log.info(
+                "Job %s failed: %s (will retry: attempt %d of %d)",
+                job.id,
+                error,
+                job.attempt,
+                job.max_attempts,
+                extra=context,
+            )
         else:
-            error = (outcome.get("error_message") or status).splitlines()[0]
             log.info("Job %s failed: %s", job.id, error, extra=context)
+
+    def interrupted(self, job: ClaimedJob, reason: str) -> None:
+        """A job's execution was stopped and nothing was recorded for it by us."""
+        self._metrics.jobs_in_flight.dec()
+        log.warning("Job %s stopped: %s", job.id, reason, extra={"job_id": job.id, "analysis_id": job.analysis_id})

@@ -1,5 +1,7 @@
 """Wake-ups: everything that tells the executor "there may be jobs to claim".
 
+The same LISTEN connection also hears cancellations of running jobs.
+
 - ``JobListener`` keeps one dedicated connection LISTENing on the jobs
   channel; every notification is a wake-up. After each (re)connect it LISTENs
   first and then wakes the executor, so jobs inserted while it was away are
@@ -15,11 +17,12 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Callable
 
 import psycopg
 
 from worker.metrics import Metrics
-from worker.queries import JOBS_PENDING_CHANNEL
+from worker.queries import JOBS_CANCEL_CHANNEL, JOBS_PENDING_CHANNEL
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +78,7 @@ class JobListener:
         self._url = database_url
         self._wakeups = wakeups
         self._metrics = metrics
+        self.on_cancel: Callable[[str], object] | None = None
         self.connected = False
         self.connected_since: float | None = None
 
@@ -100,11 +104,15 @@ class JobListener:
         )
         async with conn:
             await conn.execute(f"LISTEN {JOBS_PENDING_CHANNEL}")
+            await conn.execute(f"LISTEN {JOBS_CANCEL_CHANNEL}")
             self._set_connected(True)
             self._wakeups.wake("startup")
             while True:
-                async for _ in conn.notifies(timeout=_KEEPALIVE_SECONDS):
-                    self._wakeups.wake("notify")
+                async for notification in conn.notifies(timeout=_KEEPALIVE_SECONDS):
+                    if notification.channel == JOBS_PENDING_CHANNEL:
+                        self._wakeups.wake("notify")
+                    elif self.on_cancel is not None:
+                        self.on_cancel(notification.payload)
                 # Quiet for a while: prove the connection is still alive.
                 await asyncio.wait_for(conn.execute("SELECT 1"), _KEEPALIVE_SECONDS)
 

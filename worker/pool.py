@@ -30,6 +30,7 @@ KILL_MARGIN_SECONDS = 0.25
 _PYTHON_KILL_MARGIN_SECONDS = 5.0 + 2.0  # the script supervisor's TERM->KILL grace, plus slack
 _START_TIMEOUT_SECONDS = 60.0
 _STREAM_LIMIT = 1 << 31
+_ENGINE_CRASH_SIGNALS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT, signal.SIGILL, signal.SIGFPE})
 
 
 class PoolClosed(RuntimeError):
@@ -98,8 +99,13 @@ class _Slot:
         returncode = await self.proc.wait()
         self._kill_job_group()
         reason = f"killed by {signal.Signals(-returncode).name}" if returncode < 0 else f"exited with code {returncode}"
-        engine = "the JavaScript engine" if job["runtime"] == "javascript" else "the script supervisor"
-        return outcome("failed", error_message=f"{engine} crashed ({reason}) while running the job")
+        if job["runtime"] == "javascript" and -returncode in _ENGINE_CRASH_SIGNALS:
+            # The script drove the engine into a crash: running it again would crash again.
+            return outcome("failed", error_message=f"the JavaScript engine crashed ({reason}) while running the job")
+        # Killed from outside (the kernel's OOM killer, an operator) or the
+        # supervisor itself failed: not the script's fault, so worth a retry.
+        failed = outcome("failed", error_message=f"the job's pool process died ({reason}); not caused by the script")
+        return {**failed, "retryable": True}
 
     async def kill(self) -> None:
         """SIGKILL the child (and the running script's group) and wait for it."""

@@ -11,7 +11,9 @@ from importlib.resources import files
 from types import MappingProxyType
 
 # NOTIFY channels, shared with the migrations' triggers.
-JOBS_PENDING_CHANNEL = "analysis_jobs_pending"
+JOBS_PENDING_CHANNEL = "analysis_jobs_pending"  # payload '': new pending jobs
+JOBS_CANCEL_CHANNEL = "analysis_jobs_cancel"  # payload: id of a running job that was cancelled
+JOBS_FINISHED_CHANNEL = "analysis_jobs_finished"  # payload: {"id": ..., "status": ...}
 
 
 def _load_queries() -> MappingProxyType[str, str]:

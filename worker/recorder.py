@@ -13,6 +13,7 @@ import asyncio
 import logging
 import random
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -29,6 +30,14 @@ _MAX_BACKOFF_SECONDS = 5.0
 _JSON_NUL = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
 
 
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    job: ClaimedJob
+    outcome: dict[str, Any]
+    retry: bool
+    done: asyncio.Future[str | None]
+
+
 class Recorder:
     """Queue of outcomes to write; ``record`` returns once its row was written (or fenced off)."""
 
@@ -36,13 +45,16 @@ class Recorder:
         self._conn = DedicatedConnection(database_url, "analysis-executor recorder")
         self._worker_id = worker_id
         self._metrics = metrics
-        self._queue: asyncio.Queue[tuple[ClaimedJob, dict[str, Any], asyncio.Future[bool]]] = asyncio.Queue()
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self.database_ok = True
 
-    async def record(self, job: ClaimedJob, outcome: dict[str, Any]) -> bool:
-        """Write the outcome; True if written, False if the job is no longer ours."""
-        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((job, outcome, done))
+    async def record(self, job: ClaimedJob, outcome: dict[str, Any], *, retry: bool = False) -> str | None:
+        """Write the outcome; return the status now stored, or None if the job is no longer ours.
+
+        With ``retry``, a job with attempts left goes back to 'pending' after a backoff.
+        """
+        done: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Pending(job, outcome, retry, done))
         return await done
 
     async def close(self) -> None:
@@ -55,12 +67,12 @@ class Recorder:
             batch = [await self._queue.get()]
             while not self._queue.empty():
                 batch.append(self._queue.get_nowait())
-            written = await self._write_with_retry([(job, outcome) for job, outcome, _ in batch])
-            for job, _, done in batch:
-                if not done.done():
-                    done.set_result(job.id in written)
+            stored = await self._write_with_retry(batch)
+            for item in batch:
+                if not item.done.done():
+                    item.done.set_result(stored.get(item.job.id))
 
-    async def _write_with_retry(self, batch: list[tuple[ClaimedJob, dict[str, Any]]]) -> set[str]:
+    async def _write_with_retry(self, batch: list[_Pending]) -> dict[str, str]:
         backoff = 0.1
         while True:
             try:
@@ -81,52 +93,54 @@ class Recorder:
             self.database_ok = True
             return written
 
-    async def _write(self, batch: list[tuple[ClaimedJob, dict[str, Any]]]) -> set[str]:
-        params = [self._params(job, outcome) for job, outcome in batch]
+    async def _write(self, batch: list[_Pending]) -> dict[str, str]:
+        params = [self._params(item) for item in batch]
         conn = await self._conn.get()
         async with conn.cursor() as cur:
             await cur.executemany(QUERIES["record_outcome"], params, returning=True)
-            written: set[str] = set()
+            stored: dict[str, str] = {}
             while True:
-                written.update(str(row[0]) for row in await cur.fetchall())
+                stored.update((str(row[0]), row[1]) for row in await cur.fetchall())
                 if not cur.nextset():
                     break
-        return written
+        return stored
 
-    async def _write_one_by_one(self, batch: list[tuple[ClaimedJob, dict[str, Any]]]) -> set[str]:
-        written: set[str] = set()
-        for job, outcome in batch:
+    async def _write_one_by_one(self, batch: list[_Pending]) -> dict[str, str]:
+        stored: dict[str, str] = {}
+        for item in batch:
             try:
-                written |= await self._write_with_retry_single(job, outcome)
+                stored |= await self._write_with_retry_single(item)
             except psycopg.Error as exc:
                 replacement = {
-                    **outcome,
+                    **item.outcome,
                     "status": "failed",
                     "result_json": None,
                     "error_message": f"the database refused the job's outcome: {_one_line(exc)}",
-                    "stdout": outcome.get("stdout", "")[:4096],
-                    "stderr": outcome.get("stderr", "")[:4096],
+                    "stdout": (item.outcome.get("stdout") or "")[:4096],
+                    "stderr": (item.outcome.get("stderr") or "")[:4096],
                 }
-                written |= await self._write_with_retry_single(job, replacement)
-        return written
+                stored |= await self._write_with_retry_single(_Pending(item.job, replacement, False, item.done))
+        return stored
 
-    async def _write_with_retry_single(self, job: ClaimedJob, outcome: dict[str, Any]) -> set[str]:
+    async def _write_with_retry_single(self, item: _Pending) -> dict[str, str]:
         backoff = 0.1
         while True:
             try:
-                return await self._write([(job, outcome)])
+                return await self._write([item])
             except psycopg.OperationalError:
                 await self._conn.discard()
                 self._metrics.database_errors.labels("record").inc()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _MAX_BACKOFF_SECONDS)
 
-    def _params(self, job: ClaimedJob, outcome: dict[str, Any]) -> dict[str, Any]:
+    def _params(self, item: _Pending) -> dict[str, Any]:
+        job, outcome = item.job, item.outcome
         result = outcome.get("result_json")
         return {
             "id": job.id,
             "worker_id": self._worker_id,
             "attempt": job.attempt,
+            "retry": item.retry,
             "status": outcome["status"],
             "result": _JSON_NUL.sub(r"\1\\ufffd", _text(result)) if result is not None else None,
             "error_message": _text(outcome.get("error_message")),

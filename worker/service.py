@@ -1,9 +1,11 @@
-"""The worker process: wires listener, executor, pool, recorder and HTTP together.
+"""The worker process: wires listener, executor, pool, recorder, duties and HTTP together.
 
 Start-up order: database pool (fail fast with a clear error), schema check,
-process pool, HTTP, then the loops. Shutdown (SIGTERM/SIGINT): readiness
-turns 503, claiming stops, running jobs get ``SHUTDOWN_GRACE_SECONDS`` to
-finish, the rest are killed and handed back to ``pending``; exit 0.
+process pool, HTTP, registry row, then the loops. Shutdown (SIGTERM/SIGINT):
+readiness turns 503, claiming stops, running jobs get
+``SHUTDOWN_GRACE_SECONDS`` to finish, the rest are killed and handed back
+to ``pending`` without spending an attempt, the registry row is removed;
+exit 0.
 """
 
 from __future__ import annotations
@@ -22,10 +24,14 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from worker import __version__
 from worker.config import Settings
 from worker.db import redact_database_url
-from worker.executor import Executor
+from worker.executor import CANCELLED, Executor
 from worker.http import build_app, start_http
 from worker.lifecycle import JobLifecycle
 from worker.listener import JobListener, Wakeups
+from worker.maintenance import run_periodically
+from worker.maintenance.heartbeat import Heartbeat
+from worker.maintenance.pruner import Pruner
+from worker.maintenance.rescuer import Rescuer
 from worker.metrics import Metrics
 from worker.pool import ProcessPool
 from worker.queries import QUERIES
@@ -34,7 +40,6 @@ from worker.runtimes.python import ScriptWhitelist
 
 log = logging.getLogger("worker")
 
-SHUTDOWN_GRACE_SECONDS = 25.0
 _DB_OPEN_TIMEOUT_SECONDS = 15.0
 
 
@@ -45,9 +50,8 @@ class WorkerStartupError(RuntimeError):
 class Worker:
     """One ``analysis-executor run`` process."""
 
-    def __init__(self, settings: Settings, *, shutdown_grace_seconds: float = SHUTDOWN_GRACE_SECONDS) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.shutdown_grace_seconds = shutdown_grace_seconds
         self.metrics = Metrics()
         self.lifecycle = JobLifecycle(self.metrics)
         self.wakeups = Wakeups(self.metrics)
@@ -85,7 +89,7 @@ class Worker:
         db_pool = AsyncConnectionPool(
             settings.database_url,
             min_size=2,
-            max_size=4,
+            max_size=6,
             open=False,
             check=AsyncConnectionPool.check_connection,
             kwargs={"autocommit": True, "application_name": "analysis-executor worker"},
@@ -100,6 +104,7 @@ class Worker:
             ) from None
         tasks: list[asyncio.Task[Any]] = []
         runner = None
+        heartbeat = None
         try:
             await self._check_schema(db_pool)
             self._pool = ProcessPool(
@@ -107,7 +112,7 @@ class Worker:
             )
             await self._pool.start()
             self._recorder = Recorder(settings.database_url, settings.worker_id, self.metrics)
-            self._executor = Executor(
+            executor = self._executor = Executor(
                 settings,
                 db_pool,
                 self._pool,
@@ -117,14 +122,21 @@ class Worker:
                 self.lifecycle,
                 self.metrics,
             )
-            app = build_app(self, self.metrics, before_scrape=self._refresh_in_flight)
+            self.listener.on_cancel = lambda job_id: executor.interrupt(job_id, CANCELLED)
+            app = build_app(
+                self, self.metrics, settings=settings, db_pool=db_pool, before_scrape=self._refresh_in_flight
+            )
             try:
                 runner = await start_http(app, settings.host, settings.port)
             except OSError as exc:
                 raise WorkerStartupError(
                     f"cannot serve HTTP on {settings.host}:{settings.port}: {exc.strerror}"
                 ) from None
-            log.info("HTTP server listening on http://%s:%d (/health, /metrics)", settings.host, settings.port)
+            log.info("HTTP server listening on http://%s:%d (/health, /metrics, /jobs)", settings.host, settings.port)
+            heartbeat = Heartbeat(settings, db_pool, executor, self.lifecycle, lambda: self.draining)
+            await heartbeat.register()
+            rescuer = Rescuer(settings, db_pool, self.wakeups)
+            pruner = Pruner(settings, db_pool)
 
             tasks.append(asyncio.create_task(self._recorder.run(), name="recorder"))
             if settings.listen:
@@ -133,7 +145,13 @@ class Worker:
                 self.wakeups.wake("startup")
             tasks.append(asyncio.create_task(self.wakeups.run_poller(settings.poll_interval_ms / 1000), name="poller"))
             tasks.append(asyncio.create_task(self._refresh_queue_stats(db_pool), name="queue-stats"))
-            executor_task = asyncio.create_task(self._executor.run(), name="executor")
+            for name, interval, duty in (
+                ("heartbeat", heartbeat.interval_seconds, heartbeat.beat),
+                ("rescuer", rescuer.interval_seconds, rescuer.rescue_orphaned_jobs),
+                ("pruner", pruner.interval_seconds, pruner.prune_finished_jobs),
+            ):
+                tasks.append(asyncio.create_task(run_periodically(name, interval, duty, self.metrics), name=name))
+            executor_task = asyncio.create_task(executor.run(), name="executor")
             tasks.append(executor_task)
             self._serving = True
             self.metrics.up.set(1)
@@ -148,7 +166,7 @@ class Worker:
             if executor_task.done() and executor_task.exception() is not None:
                 raise executor_task.exception()  # type: ignore[misc]
             stop_wait.cancel()
-            await self._shutdown()
+            await self._shutdown(executor)
             return 0
         finally:
             self._serving = False
@@ -156,6 +174,9 @@ class Worker:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if heartbeat is not None:
+                with contextlib.suppress(psycopg.Error, PoolTimeout):
+                    await heartbeat.deregister()
             if self._pool is not None:
                 await self._pool.close()
             if self._executor is not None:
@@ -169,23 +190,19 @@ class Worker:
                 loop.remove_signal_handler(signum)
             log.info("Analysis Executor stopped")
 
-    async def _shutdown(self) -> None:
-        assert self._executor is not None
+    async def _shutdown(self, executor: Executor) -> None:
         self.draining = True
-        log.info("shutting down: no new claims; running jobs get %.0fs to finish", self.shutdown_grace_seconds)
-        self._executor.stop_claiming()
-        leftovers = await self._executor.drain(self.shutdown_grace_seconds)
-        if leftovers:
-            try:
-                await self._executor.release(leftovers)
-            except psycopg.Error as exc:
-                log.error("could not hand %d job(s) back to the queue: %s", len(leftovers), exc)
+        log.info("shutting down: no new claims; running jobs get %.0fs to finish", self.settings.shutdown_grace_seconds)
+        executor.stop_claiming()
+        await executor.drain(self.settings.shutdown_grace_seconds)
 
     async def _check_schema(self, db_pool: AsyncConnectionPool) -> None:
         async with db_pool.connection() as conn:
-            row = await (await conn.execute("SELECT to_regclass('analysis_jobs') IS NOT NULL")).fetchone()
+            row = await (await conn.execute("SELECT to_regclass('analysis_workers') IS NOT NULL")).fetchone()
         if not row or not row[0]:
-            raise WorkerStartupError("the database has no analysis_jobs table: run `analysis-executor migrate` first")
+            raise WorkerStartupError(
+                "the database schema is missing or out of date: run `analysis-executor migrate` first"
+            )
 
     async def _refresh_queue_stats(self, db_pool: AsyncConnectionPool) -> None:
         while True:
@@ -222,9 +239,10 @@ class Worker:
 
     def health(self) -> dict[str, Any]:
         """The /health document."""
-        listener = (
-            "disabled" if not self.settings.listen else ("connected" if self.listener.connected else "disconnected")
-        )
+        if not self.settings.listen:
+            listener = "disabled"
+        else:
+            listener = "connected" if self.listener.connected else "disconnected"
         healthy = self._serving and self.database_ok and listener != "disconnected"
         return {
             "status": "healthy" if healthy else "unhealthy",

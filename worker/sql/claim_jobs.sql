@@ -36,4 +36,5 @@ RETURNING
     analysis.script_content,
     analysis.script_name,
     analysis.timeout_ms,
-    analysis.memory_limit_mb
+    analysis.memory_limit_mb,
+    analysis.retry_script_errors

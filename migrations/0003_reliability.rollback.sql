@@ -1,0 +1,10 @@
+DROP TRIGGER analysis_jobs_notify_finished ON analysis_jobs;
+DROP FUNCTION analysis_jobs_notify_finished();
+DROP TRIGGER analysis_jobs_record_attempt ON analysis_jobs;
+DROP FUNCTION analysis_jobs_record_attempt();
+DROP TRIGGER analysis_jobs_on_cancel ON analysis_jobs;
+DROP FUNCTION analysis_jobs_on_cancel();
+DROP FUNCTION analysis_executor_retry_delay(integer);
+DROP TABLE analysis_job_attempts;
+DROP TABLE analysis_workers;
+ALTER TABLE analyses DROP COLUMN retry_script_errors;

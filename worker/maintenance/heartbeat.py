@@ -1,0 +1,90 @@
+"""Heartbeat: renew this worker's leases and registry row; notice jobs that are no longer ours.
+
+One statement renews ``heartbeat_at`` of every job this worker is running.
+A job missing from its answer was cancelled, rescued after a lost lease, or
+deleted: its process is killed at once (the poll-side fallback to the
+cancel notification).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Callable
+
+from psycopg_pool import AsyncConnectionPool
+
+from worker import __version__
+from worker.config import Settings
+from worker.executor import CANCELLED, LEASE_LOST, Executor
+from worker.lifecycle import JobLifecycle
+from worker.queries import QUERIES
+
+log = logging.getLogger(__name__)
+
+
+class Heartbeat:
+    """Lease renewal plus the workers-registry row of this worker."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        db_pool: AsyncConnectionPool,
+        executor: Executor,
+        lifecycle: JobLifecycle,
+        is_draining: Callable[[], bool],
+    ) -> None:
+        self._settings = settings
+        self._db_pool = db_pool
+        self._executor = executor
+        self._lifecycle = lifecycle
+        self._is_draining = is_draining
+
+    @property
+    def interval_seconds(self) -> float:
+        """Well inside the lease, and no slower than the fallback poll (it doubles as the cancel check)."""
+        return min(self._settings.job_lease_seconds / 3, self._settings.poll_interval_ms / 1000)
+
+    def _registry_row(self) -> dict[str, object]:
+        return {
+            "id": self._settings.worker_id,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "version": __version__,
+            "concurrency": self._settings.concurrency,
+            "jobs_processed": self._lifecycle.jobs_processed,
+            "draining": self._is_draining(),
+        }
+
+    async def register(self) -> None:
+        """Add this worker to the registry."""
+        async with self._db_pool.connection() as conn:
+            await conn.execute(QUERIES["register_worker"], self._registry_row())
+
+    async def deregister(self) -> None:
+        """Remove this worker from the registry (clean shutdown)."""
+        async with self._db_pool.connection() as conn:
+            await conn.execute(QUERIES["deregister_worker"], {"id": self._settings.worker_id})
+
+    async def beat(self) -> None:
+        """Renew leases, refresh the registry row, stop jobs that are no longer ours."""
+        ids = self._executor.executing_ids()
+        async with self._db_pool.connection() as conn:
+            async with conn.transaction():
+                await conn.execute(QUERIES["touch_worker"], self._registry_row())
+                renewed: set[str] = set()
+                if ids:
+                    cur = await conn.execute(
+                        QUERIES["renew_leases"], {"ids": ids, "worker_id": self._settings.worker_id}
+                    )
+                    renewed = {str(row[0]) for row in await cur.fetchall()}
+            lost = [job_id for job_id in ids if job_id not in renewed]
+            if not lost:
+                return
+            cur = await conn.execute("SELECT id, status FROM analysis_jobs WHERE id = ANY(%s::uuid[])", (lost,))
+            statuses = {str(row[0]): row[1] for row in await cur.fetchall()}
+        for job_id in lost:
+            reason = CANCELLED if statuses.get(job_id) == "cancelled" else LEASE_LOST
+            if self._executor.interrupt(job_id, reason):
+                log.warning("Job %s is no longer held by this worker (%s); its process was stopped", job_id, reason)

@@ -1,0 +1,1 @@
+DELETE FROM analysis_workers WHERE id = %(id)s
