@@ -23,7 +23,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from worker import __version__
 from worker.config import Settings
-from worker.db import redact_database_url
+from worker.db import CONNECT_TIMEOUT_SECONDS, redact_database_url
 from worker.executor import CANCELLED, Executor
 from worker.http import build_app, start_http
 from worker.lifecycle import JobLifecycle
@@ -86,6 +86,7 @@ class Worker:
         self.metrics.build_info.info({"version": __version__, "worker_id": settings.worker_id})
         self.metrics.pool_size.set(settings.concurrency)
 
+        await self._check_database_reachable()
         db_pool = AsyncConnectionPool(
             settings.database_url,
             min_size=2,
@@ -195,6 +196,18 @@ class Worker:
         log.info("shutting down: no new claims; running jobs get %.0fs to finish", self.settings.shutdown_grace_seconds)
         executor.stop_claiming()
         await executor.drain(self.settings.shutdown_grace_seconds)
+
+    async def _check_database_reachable(self) -> None:
+        """Fail fast, with the server's reason, instead of waiting for the pool to time out."""
+        url = self.settings.database_url
+        try:
+            conn = await psycopg.AsyncConnection.connect(url, connect_timeout=CONNECT_TIMEOUT_SECONDS)
+        except psycopg.OperationalError as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise WorkerStartupError(
+                f"cannot connect to the database at {redact_database_url(url)}: {reason}"
+            ) from None
+        await conn.close()
 
     async def _check_schema(self, db_pool: AsyncConnectionPool) -> None:
         async with db_pool.connection() as conn:

@@ -85,6 +85,7 @@ class Heartbeat:
             cur = await conn.execute("SELECT id, status FROM analysis_jobs WHERE id = ANY(%s::uuid[])", (lost,))
             statuses = {str(row[0]): row[1] for row in await cur.fetchall()}
         for job_id in lost:
-            reason = CANCELLED if statuses.get(job_id) == "cancelled" else LEASE_LOST
+            status = statuses.get(job_id)
+            reason = CANCELLED if status == "cancelled" else (LEASE_LOST if status else "job row deleted")
             if self._executor.interrupt(job_id, reason):
                 log.warning("Job %s is no longer held by this worker (%s); its process was stopped", job_id, reason)

@@ -1,0 +1,432 @@
+"""Leases, rescue, fencing, retries, cancellation, shutdown, the job API, retention.
+
+Real worker processes on a real PostgreSQL; leases are shortened to a second
+so that the tests see a dead worker's jobs come back within seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg_pool import AsyncConnectionPool
+
+from tests.conftest import WorkerProcess, create_analysis, submit, wait_for_jobs
+from worker.config import load_settings
+from worker.maintenance.pruner import Pruner
+from worker.queries import JOBS_FINISHED_CHANNEL
+
+SHORT_LEASE = {"JOB_LEASE_SECONDS": "1"}
+GOOD = 'export default function analyze() { return {result: "success"}; }'
+
+
+def busy(ms: int) -> str:
+    """A JavaScript analysis that keeps a core busy for ``ms`` milliseconds."""
+    loop = f"const end = Date.now() + {ms}; while (Date.now() < end) {{}}"
+    return f"export default function analyze() {{ {loop} return 'done'; }}"
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached after {timeout}s")
+        time.sleep(0.02)
+
+
+def job_status(db: psycopg.Connection, job_id: str) -> str:
+    row = db.execute("SELECT status FROM analysis_jobs WHERE id = %s", (job_id,)).fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def child_pids(pid: int) -> list[int]:
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat[stat.rfind(")") + 2 :].split()[1]) == pid:
+                children.append(int(entry.name))
+    return children
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2] != "Z"
+
+
+def attempts_history(db: psycopg.Connection, job_id: str) -> list[tuple[Any, ...]]:
+    return db.execute(
+        "SELECT attempt, outcome, error_message FROM analysis_job_attempts WHERE job_id = %s ORDER BY attempt",
+        (job_id,),
+    ).fetchall()
+
+
+def http(method: str, url: str, body: bytes | None = None, token: str | None = None) -> tuple[int, dict[str, Any]]:
+    request = urllib.request.Request(url, data=body, method=method)
+    request.add_header("Content-Type", "application/json")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+# --- leases, rescue, fencing -------------------------------------------------
+
+
+@pytest.mark.faults
+def test_job_of_killed_worker_is_completed_by_another_replica(
+    db: psycopg.Connection, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    victim = start_worker(env=SHORT_LEASE)
+    analysis = create_analysis(db, script=busy(2000))
+    job_id = submit(db, analysis)
+    wait_until(lambda: job_status(db, job_id) == "running", what="job running")
+    children = child_pids(victim.proc.pid)
+    assert children
+    victim.proc.send_signal(signal.SIGKILL)
+    victim.proc.wait()
+    wait_until(lambda: not any(alive(pid) for pid in children), timeout=10, what="pool children gone")
+
+    rescuer = start_worker(env=SHORT_LEASE)
+    job = wait_for_jobs(db, [job_id], timeout=60)[job_id]
+    assert (job["status"], job["attempts"], job["result"]) == ("completed", 2, "done")
+    history = attempts_history(db, job_id)
+    assert [(a, o) for a, o, _ in history] == [(1, "retried"), (2, "completed")]
+    assert "worker lost" in history[0][2]
+    rescuer_id = json.loads(rescuer.get("/health")[1])["worker_id"]
+    assert job["worker_id"] == rescuer_id
+
+
+@pytest.mark.faults
+def test_paused_worker_cannot_overwrite_the_newer_attempt(
+    db: psycopg.Connection, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    paused = start_worker(env=SHORT_LEASE)
+    analysis = create_analysis(db, script=busy(1500))
+    job_id = submit(db, analysis)
+    wait_until(lambda: job_status(db, job_id) == "running", what="job running")
+    paused.proc.send_signal(signal.SIGSTOP)
+    for pid in child_pids(paused.proc.pid):
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        start_worker(env=SHORT_LEASE)
+        job = wait_for_jobs(db, [job_id], timeout=60)[job_id]
+        assert (job["status"], job["attempts"]) == ("completed", 2)
+        winner = job["worker_id"]
+    finally:
+        for pid in child_pids(paused.proc.pid):
+            os.kill(pid, signal.SIGCONT)
+        paused.proc.send_signal(signal.SIGCONT)
+    # The resumed worker finishes its stale attempt; its write is fenced off.
+    wait_until(lambda: "no longer held by this worker" in paused.output(), timeout=30, what="stale write refused")
+    row = db.execute("SELECT status, attempts, worker_id FROM analysis_jobs WHERE id = %s", (job_id,)).fetchone()
+    assert row == ("completed", 2, winner)
+
+
+@pytest.mark.faults
+def test_lost_worker_with_no_attempts_left_fails_the_job(
+    db: psycopg.Connection, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    victim = start_worker(env=SHORT_LEASE)
+    job_id = submit(db, create_analysis(db, script=busy(3000)), max_attempts=1)
+    wait_until(lambda: job_status(db, job_id) == "running", what="job running")
+    victim.proc.send_signal(signal.SIGKILL)
+    victim.proc.wait()
+    start_worker(env=SHORT_LEASE)
+    job = wait_for_jobs(db, [job_id], timeout=30)[job_id]
+    assert job["status"] == "failed"
+    assert "worker lost" in job["error_message"]
+
+
+def test_registry_lists_live_workers_and_forgets_dead_ones(
+    db: psycopg.Connection, database_url: str, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    doomed = start_worker(env=SHORT_LEASE)
+    survivor = start_worker(env=SHORT_LEASE)
+    ids = {json.loads(w.get("/health")[1])["worker_id"] for w in (doomed, survivor)}
+    rows = db.execute("SELECT id, concurrency, pid FROM analysis_workers").fetchall()
+    assert {r[0] for r in rows} == ids
+    status = subprocess.run(
+        [sys.executable, "-m", "worker", "status", "--database-url", database_url], capture_output=True, text=True
+    )
+    assert "workers alive: 2" in status.stdout
+    doomed.proc.send_signal(signal.SIGKILL)
+    doomed.proc.wait()
+    survivor_id = json.loads(survivor.get("/health")[1])["worker_id"]
+    wait_until(
+        lambda: {r[0] for r in db.execute("SELECT id FROM analysis_workers").fetchall()} == {survivor_id},
+        timeout=30,
+        what="dead worker aged out",
+    )
+    survivor.stop()
+    assert db.execute("SELECT count(*) FROM analysis_workers").fetchone() == (0,)
+
+
+# --- retries -----------------------------------------------------------------
+
+
+@pytest.mark.faults
+def test_pool_process_killed_from_outside_is_retried(
+    db: psycopg.Connection, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    worker = start_worker("--concurrency", "1")
+    job_id = submit(db, create_analysis(db, script=busy(1500)))
+    wait_until(lambda: job_status(db, job_id) == "running", what="job running")
+    (child,) = child_pids(worker.proc.pid)
+    os.kill(child, signal.SIGKILL)  # as the kernel's OOM killer would
+    job = wait_for_jobs(db, [job_id], timeout=30)[job_id]
+    assert (job["status"], job["attempts"]) == ("completed", 2)
+    history = attempts_history(db, job_id)
+    assert history[0][:2] == (1, "retried")
+    assert "pool process died (killed by SIGKILL)" in history[0][2]
+
+
+def test_script_errors_are_final_by_default_and_retried_when_the_analysis_says_so(
+    db: psycopg.Connection, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    start_worker()
+    failing = "export default function analyze() { throw new Error('flaky'); }"
+    final = submit(db, create_analysis(db, script=failing))
+    retried_analysis = create_analysis(db, script=failing)
+    db.execute("UPDATE analyses SET retry_script_errors = true WHERE id = %s", (retried_analysis,))
+    retried = submit(db, retried_analysis, max_attempts=2)
+    rows = wait_for_jobs(db, [final, retried], timeout=30)
+    assert (rows[final]["status"], rows[final]["attempts"]) == ("failed", 1)
+    wait_until(lambda: job_status(db, retried) == "failed" and len(attempts_history(db, retried)) == 2, timeout=30)
+    assert [o for _, o, _ in attempts_history(db, retried)] == ["retried", "failed"]
+
+
+# --- cancellation --------------------------------------------------------------
+
+
+@pytest.mark.faults
+def test_cancel_pending_job_at_once_and_refuse_duplicate_or_finished_cancels(
+    db: psycopg.Connection, database_url: str
+) -> None:
+    analysis = create_analysis(db, script=GOOD)
+    job_id = submit(db, analysis)
+    cli = [sys.executable, "-m", "worker", "cancel", job_id, "--database-url", database_url]
+    first = subprocess.run(cli, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    row = db.execute("SELECT status, completed_at IS NOT NULL FROM analysis_jobs WHERE id = %s", (job_id,)).fetchone()
+    assert row == ("cancelled", True)
+    again = subprocess.run(cli, capture_output=True, text=True)
+    assert again.returncode == 2
+    assert "already cancelled" in again.stderr
+    unknown = subprocess.run(
+        [*cli[:4], "00000000-0000-0000-0000-000000000000", *cli[5:]], capture_output=True, text=True
+    )
+    assert unknown.returncode == 2
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("how", ["http", "sql"])
+def test_cancelling_a_running_job_kills_its_process(
+    db: psycopg.Connection, start_worker: Callable[..., WorkerProcess], how: str
+) -> None:
+    worker = start_worker("--concurrency", "1", "--poll-interval-ms", "600000")
+    job_id = submit(db, create_analysis(db, script=busy(60_000)))
+    wait_until(lambda: job_status(db, job_id) == "running", what="job running")
+    (child,) = child_pids(worker.proc.pid)
+    if how == "http":
+        status, body = http("POST", f"{worker.base_url}/jobs/{job_id}/cancel")
+        assert (status, body["status"]) == (200, "cancelled")
+    else:
+        db.execute(
+            "UPDATE analysis_jobs SET status = 'cancelled' WHERE id = %s AND status IN ('pending', 'running')",
+            (job_id,),
+        )
+    wait_until(lambda: not alive(child), timeout=5, what="the job's process killed")
+    wait_until(lambda: json.loads(worker.get("/health")[1])["jobs_in_flight"] == 0, timeout=5, what="slot freed")
+    assert job_status(db, job_id) == "cancelled"
+    assert attempts_history(db, job_id)[0][1] == "cancelled"
+    status, body = http("POST", f"{worker.base_url}/jobs/{job_id}/cancel")
+    assert status == 409 and "already cancelled" in body["error"]
+    after = submit(db, create_analysis(db, script=GOOD))
+    assert wait_for_jobs(db, [after])[after]["status"] == "completed"
+
+
+# --- graceful shutdown -----------------------------------------------------------
+
+
+@pytest.mark.faults
+def test_sigterm_lets_a_running_job_finish_within_grace(
+    db: psycopg.Connection, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    worker = start_worker()
+    job_id = submit(db, create_analysis(db, script=busy(1500)))
+    wait_until(lambda: job_status(db, job_id) == "running", what="job running")
+    worker.proc.send_signal(signal.SIGTERM)
+    wait_until(lambda: worker.get("/health/ready")[0] == 503, timeout=5, what="readiness 503 while draining")
+    assert json.loads(worker.get("/health/ready")[1])["reason"] == "draining"
+    assert worker.proc.wait(30) == 0
+    row = db.execute("SELECT status, attempts FROM analysis_jobs WHERE id = %s", (job_id,)).fetchone()
+    assert row == ("completed", 1)
+
+
+@pytest.mark.faults
+def test_sigterm_hands_back_a_job_that_outlives_the_grace_period(
+    db: psycopg.Connection, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    worker = start_worker(env={"SHUTDOWN_GRACE_SECONDS": "1"})
+    job_id = submit(db, create_analysis(db, script=busy(30_000)))
+    wait_until(lambda: job_status(db, job_id) == "running", what="job running")
+    children = child_pids(worker.proc.pid)
+    assert worker.stop() == 0
+    row = db.execute(
+        "SELECT status, attempts, worker_id, started_at FROM analysis_jobs WHERE id = %s", (job_id,)
+    ).fetchone()
+    assert row == ("pending", 0, None, None)
+    assert not any(alive(pid) for pid in children)
+    assert "handed 1 unfinished job(s) back to the queue" in worker.output()
+
+
+# --- HTTP job API -----------------------------------------------------------------
+
+
+def test_job_api_submits_shows_and_cancels(db: psycopg.Connection, start_worker: Callable[..., WorkerProcess]) -> None:
+    worker = start_worker()
+    analysis = create_analysis(db, script="export default function analyze(p) { return p.n + 1; }")
+    body = json.dumps({"analysis_id": analysis, "parameters": {"n": 41}, "priority": 3, "triggered_by": "tests"})
+    status, job = http("POST", f"{worker.base_url}/jobs", body.encode())
+    assert status == 201
+    assert (job["status"], job["priority"], job["triggered_by"], job["parameters"]) == (
+        "pending",
+        3,
+        "tests",
+        {"n": 41},
+    )
+    wait_for_jobs(db, [job["id"]])
+    status, shown = http("GET", f"{worker.base_url}/jobs/{job['id']}")
+    assert (status, shown["status"], shown["result"], shown["attempts_history"]) == (200, "completed", 42, [])
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        (b"{not json", 400, "not valid JSON"),
+        (b"[1, 2]", 400, "must be a JSON object"),
+        (b'{"parameters": {}}', 400, "analysis_id is required"),
+        (b'{"analysis_id": "00000000-0000-0000-0000-000000000000"}', 404, "does not exist"),
+        (b'{"analysis_id": "nope"}', 404, "does not exist"),
+        (b'{"analysis_id": "ANALYSIS", "parameters": [1]}', 400, "parameters must be a JSON object"),
+        (b'{"analysis_id": "ANALYSIS", "priority": "high"}', 400, "priority must be"),
+        (b'{"analysis_id": "ANALYSIS", "run_at": "soon"}', 400, "ISO 8601"),
+        (b'{"analysis_id": "ANALYSIS", "max_attempts": 0}', 400, "max_attempts"),
+        (b'{"analysis_id": "ANALYSIS", "colour": "red"}', 400, "unknown field"),
+    ],
+)
+def test_job_api_rejects_bad_requests_with_a_json_error(
+    db: psycopg.Connection,
+    start_worker: Callable[..., WorkerProcess],
+    body: bytes,
+    status: int,
+    message: str,
+) -> None:
+    worker = start_worker()
+    analysis = create_analysis(db, script=GOOD)
+    got, answer = http("POST", f"{worker.base_url}/jobs", body.replace(b"ANALYSIS", analysis.encode()))
+    assert got == status
+    assert message in answer["error"]
+    assert db.execute("SELECT count(*) FROM analysis_jobs").fetchone() == (0,)
+
+
+def test_job_api_errors_are_json_for_unknown_jobs_and_oversized_bodies(
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    worker = start_worker(env={"HTTP_MAX_BODY_BYTES": "2048"})
+    assert http("GET", f"{worker.base_url}/jobs/00000000-0000-0000-0000-000000000000")[0] == 404
+    assert http("GET", f"{worker.base_url}/jobs/not-a-uuid")[0] == 404
+    assert http("POST", f"{worker.base_url}/jobs/not-a-uuid/cancel")[0] == 404
+    status, answer = http("POST", f"{worker.base_url}/jobs", b'{"parameters": "' + b"x" * 5000 + b'"}')
+    assert status == 413 and "too large" in answer["error"]
+
+
+def test_job_api_needs_the_bearer_token_when_one_is_set(
+    db: psycopg.Connection, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    worker = start_worker(env={"ANALYSIS_EXECUTOR_API_TOKEN": "s3cret"})
+    body = json.dumps({"analysis_id": create_analysis(db, script=GOOD)}).encode()
+    assert http("POST", f"{worker.base_url}/jobs", body)[0] == 401
+    assert http("POST", f"{worker.base_url}/jobs", body, token="wrong")[0] == 401
+    assert http("POST", f"{worker.base_url}/jobs", body, token="s3cret")[0] == 201
+    assert worker.get("/health")[0] == 200  # health and metrics stay open
+
+
+def test_job_api_is_refused_on_a_public_bind_without_a_token(
+    db: psycopg.Connection, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    worker = start_worker("--host", "0.0.0.0")
+    body = json.dumps({"analysis_id": create_analysis(db, script=GOOD)}).encode()
+    status, answer = http("POST", f"{worker.base_url}/jobs", body)
+    assert status == 403
+    assert "ANALYSIS_EXECUTOR_API_TOKEN" in answer["error"]
+
+
+# --- completion notification, retention ----------------------------------------------------
+
+
+def test_final_status_is_announced_on_the_finished_channel(
+    db: psycopg.Connection, database_url: str, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    start_worker()
+    with psycopg.connect(database_url, autocommit=True) as listener:
+        listener.execute(f"LISTEN {JOBS_FINISHED_CHANNEL}")
+        job_id = submit(db, create_analysis(db, script=GOOD))
+        received = [json.loads(n.payload) for n in listener.notifies(timeout=10, stop_after=1)]
+    assert received == [{"id": job_id, "status": "completed"}]
+
+
+def test_retention_deletes_only_old_finished_jobs_one_replica_at_a_time(
+    db: psycopg.Connection, database_url: str
+) -> None:
+    analysis = create_analysis(db, script=GOOD)
+    for status, age_days in [("completed", 40), ("failed", 31), ("pending", 40), ("running", 40), ("completed", 5)]:
+        db.execute(
+            "INSERT INTO analysis_jobs (analysis_id, status, created_at)"
+            " VALUES (%s, %s, now() - make_interval(days => %s))",
+            (analysis, status, age_days),
+        )
+    db.execute(
+        "INSERT INTO analysis_jobs (analysis_id, status, created_at)"
+        " SELECT %s, 'completed', now() - interval '60 days' FROM generate_series(1, 2500)",
+        (analysis,),
+    )
+
+    async def prune_twice_at_once() -> list[int]:
+        settings = load_settings({"database_url": database_url})
+        async with AsyncConnectionPool(database_url, min_size=2, kwargs={"autocommit": True}) as pool:
+            return list(
+                await asyncio.gather(
+                    Pruner(settings, pool).prune_finished_jobs(), Pruner(settings, pool).prune_finished_jobs()
+                )
+            )
+
+    deleted = asyncio.run(prune_twice_at_once())
+    assert sorted(deleted) == [0, 2502]
+    left = db.execute(
+        "SELECT status, extract(day from now() - created_at)::int FROM analysis_jobs ORDER BY 2"
+    ).fetchall()
+    assert left == [("completed", 5), ("pending", 40), ("running", 40)]
