@@ -71,9 +71,9 @@ class Executor:
         self._metrics = metrics
         self._claim_conn = DedicatedConnection(settings.database_url, "analysis-executor claims")
         self._running: dict[str, asyncio.Task[None]] = {}
-        self._executing: dict[str, asyncio.Task[dict[str, Any]]] = {}
+        self._executing: dict[str, tuple[ClaimedJob, asyncio.Task[dict[str, Any]]]] = {}
         self._interrupted: dict[str, str] = {}
-        self._released: list[str] = []
+        self._released: list[ClaimedJob] = []
         self._claiming = True
         self._backlog = False
         self.database_ok = True
@@ -83,9 +83,9 @@ class Executor:
         """Jobs claimed by this worker and not yet recorded."""
         return len(self._running)
 
-    def executing_ids(self) -> list[str]:
-        """Ids of the jobs whose scripts are running right now."""
-        return list(self._executing)
+    def executing(self) -> list[ClaimedJob]:
+        """The jobs whose scripts are running right now."""
+        return [job for job, _ in self._executing.values()]
 
     async def run(self) -> None:
         """Claim on every wake-up until claiming stops."""
@@ -144,9 +144,10 @@ class Executor:
 
     def interrupt(self, job_id: str, reason: str) -> bool:
         """Stop a job's execution (kills its process); False if it is not executing here."""
-        task = self._executing.get(job_id)
-        if task is None or task.done():
+        entry = self._executing.get(job_id)
+        if entry is None or entry[1].done():
             return False
+        task = entry[1]
         self._interrupted[job_id] = reason
         task.cancel()
         return True
@@ -154,7 +155,7 @@ class Executor:
     async def _run_job(self, job: ClaimedJob) -> None:
         started = time.monotonic()
         execution = asyncio.create_task(self._execute(job))
-        self._executing[job.id] = execution
+        self._executing[job.id] = (job, execution)
         try:
             try:
                 await asyncio.wait([execution])
@@ -177,7 +178,7 @@ class Executor:
 
     def _after_interruption(self, job: ClaimedJob, reason: str, seconds: float) -> None:
         if reason == SHUTDOWN:
-            self._released.append(job.id)
+            self._released.append(job)
             self._lifecycle.interrupted(job, "released at shutdown")
         elif reason == CANCELLED:
             self._lifecycle.finished(
@@ -241,18 +242,23 @@ class Executor:
             await asyncio.wait(list(self._running.values()), timeout=_RECORD_AT_SHUTDOWN_SECONDS)
         await self._release(self._released)
 
-    async def _release(self, job_ids: list[str]) -> None:
+    async def _release(self, jobs: list[ClaimedJob]) -> None:
         """Hand unfinished jobs back to ``pending`` without spending an attempt."""
-        if not job_ids:
+        if not jobs:
             return
+        params = {
+            "ids": [job.id for job in jobs],
+            "attempts": [job.attempt for job in jobs],
+            "worker_id": self._settings.worker_id,
+        }
         try:
             async with self._db_pool.connection() as conn, conn.transaction():
-                await conn.execute(QUERIES["release_jobs"], {"ids": job_ids, "worker_id": self._settings.worker_id})
+                await conn.execute(QUERIES["release_jobs"], params)
                 await conn.execute(f"NOTIFY {JOBS_PENDING_CHANNEL}")
         except psycopg.Error as exc:
-            log.error("could not hand %d job(s) back to the queue (their leases will expire): %s", len(job_ids), exc)
+            log.error("could not hand %d job(s) back to the queue (their leases will expire): %s", len(jobs), exc)
             return
-        log.info("handed %d unfinished job(s) back to the queue", len(job_ids))
+        log.info("handed %d unfinished job(s) back to the queue", len(jobs))
 
     async def close(self) -> None:
         """Close the claim connection."""

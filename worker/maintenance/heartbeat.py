@@ -69,14 +69,16 @@ class Heartbeat:
 
     async def beat(self) -> None:
         """Renew leases, refresh the registry row, stop jobs that are no longer ours."""
-        ids = self._executor.executing_ids()
+        jobs = self._executor.executing()
+        ids = [job.id for job in jobs]
         async with self._db_pool.connection() as conn:
             async with conn.transaction():
                 await conn.execute(QUERIES["touch_worker"], self._registry_row())
                 renewed: set[str] = set()
                 if ids:
                     cur = await conn.execute(
-                        QUERIES["renew_leases"], {"ids": ids, "worker_id": self._settings.worker_id}
+                        QUERIES["renew_leases"],
+                        {"ids": ids, "attempts": [job.attempt for job in jobs], "worker_id": self._settings.worker_id},
                     )
                     renewed = {str(row[0]) for row in await cur.fetchall()}
             lost = [job_id for job_id in ids if job_id not in renewed]

@@ -1,11 +1,13 @@
--- Hand jobs this worker could not finish back to the queue, as if never
--- claimed: the attempt is not spent. Fenced by worker_id.
-UPDATE analysis_jobs
+-- Hand attempts this worker could not finish back to the queue, as if never
+-- claimed: the attempt is not spent. Fenced by worker and attempt.
+UPDATE analysis_jobs AS job
 SET status = 'pending',
-    attempts = GREATEST(attempts - 1, 0),
+    attempts = GREATEST(job.attempts - 1, 0),
     worker_id = NULL,
     started_at = NULL,
     heartbeat_at = NULL
-WHERE id = ANY(%(ids)s::uuid[])
-  AND status = 'running'
-  AND worker_id = %(worker_id)s
+FROM unnest(%(ids)s::uuid[], %(attempts)s::int[]) AS mine (id, attempt)
+WHERE job.id = mine.id
+  AND job.attempts = mine.attempt
+  AND job.status = 'running'
+  AND job.worker_id = %(worker_id)s
