@@ -78,7 +78,12 @@ class Metrics:
             f"{PREFIX}_listener_connected", "1 while the LISTEN connection is up.", registry=r
         )
         self.up = Gauge(f"{PREFIX}_up", "1 while the worker runs and its database is reachable.", registry=r)
+        # Every label value exists from the start, so rate() and alerts see 0, not "no data".
         for status in ("pending", "scheduled", "running"):
             self.queue_depth.labels(status)
         for source in ("notify", "poll", "timer", "startup", "slot"):
             self.wakeups.labels(source)
+        for operation in ("claim", "record", "listen", "queue_stats", "heartbeat", "rescuer", "pruner"):
+            self.database_errors.labels(operation)
+        for reason in ("timeout", "crash", "cancelled"):
+            self.pool_restarts.labels(reason)
