@@ -76,6 +76,9 @@ class Executor:
         self._released: list[ClaimedJob] = []
         self._claiming = True
         self._backlog = False
+        # With a backlog, refill in batches rather than one claim per finished job:
+        # a claim costs a commit, whatever its size.
+        self._refill_at = max(1, settings.concurrency // 4)
         self.database_ok = True
 
     @property
@@ -173,7 +176,8 @@ class Executor:
         finally:
             self._executing.pop(job.id, None)
             del self._running[job.id]
-            if self._backlog and self._claiming:
+            free = self._settings.concurrency - len(self._running)
+            if self._backlog and self._claiming and free >= self._refill_at:
                 self._wakeups.wake("slot")
 
     def _after_interruption(self, job: ClaimedJob, reason: str, seconds: float) -> None:

@@ -94,9 +94,11 @@ class Recorder:
             return written
 
     async def _write(self, batch: list[_Pending]) -> dict[str, str]:
-        params = [self._params(item) for item in batch]
+        # In id order, as the heartbeat locks them, so the two never deadlock.
+        params = sorted((self._params(item) for item in batch), key=lambda row: row["id"])
         conn = await self._conn.get()
-        async with conn.cursor() as cur:
+        # One transaction, one commit for the whole batch (autocommit would commit every row).
+        async with conn.transaction(), conn.cursor() as cur:
             await cur.executemany(QUERIES["record_outcome"], params, returning=True)
             stored: dict[str, str] = {}
             while True:

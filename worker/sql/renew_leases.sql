@@ -1,11 +1,19 @@
 -- Renew the lease of every attempt this worker still runs, in one statement,
 -- and learn which of them are no longer ours (cancelled, rescued, deleted).
--- Fenced by worker and attempt, like every write about a job.
+-- Fenced by worker and attempt, like every write about a job. Rows are locked
+-- in id order, as the recorder writes them, so the two never deadlock.
+WITH mine AS (
+    SELECT job.id
+    FROM analysis_jobs AS job
+    JOIN unnest(%(ids)s::uuid[], %(attempts)s::int[]) AS claimed (id, attempt)
+      ON job.id = claimed.id AND job.attempts = claimed.attempt
+    WHERE job.status = 'running'
+      AND job.worker_id = %(worker_id)s
+    ORDER BY job.id
+    FOR NO KEY UPDATE
+)
 UPDATE analysis_jobs AS job
 SET heartbeat_at = now()
-FROM unnest(%(ids)s::uuid[], %(attempts)s::int[]) AS mine (id, attempt)
+FROM mine
 WHERE job.id = mine.id
-  AND job.attempts = mine.attempt
-  AND job.status = 'running'
-  AND job.worker_id = %(worker_id)s
 RETURNING job.id
