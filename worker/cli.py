@@ -178,6 +178,12 @@ def _add_worker_options(parser: argparse.ArgumentParser) -> None:
         help="jobs at once, one process each (env MAX_CONCURRENT_JOBS; default 5)",
     )
     parser.add_argument(
+        "--pool-processes",
+        type=int,
+        default=None,
+        help="pool child processes (env POOL_PROCESSES; default: one per concurrent job)",
+    )
+    parser.add_argument(
         "--poll-interval-ms", type=int, default=None, help="fallback poll interval (env POLL_INTERVAL_MS; default 5000)"
     )
     parser.add_argument(
@@ -200,7 +206,7 @@ def _add_worker_options(parser: argparse.ArgumentParser) -> None:
 
 def _worker_settings(args: argparse.Namespace, **overrides: Any) -> Settings:
     names = (
-        "database_url", "port", "host", "log_level", "log_format", "concurrency", "poll_interval_ms",
+        "database_url", "port", "host", "log_level", "log_format", "concurrency", "pool_processes", "poll_interval_ms",
         "scripts_dir", "python_executable", "worker_id", "listen",
     )  # fmt: skip
     values = {name: getattr(args, name, None) for name in names}

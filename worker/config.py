@@ -33,6 +33,7 @@ class Settings:
     log_level: str = "info"
     log_format: str = "text"
     concurrency: int = 5
+    pool_processes: int | None = None
     poll_interval_ms: int = 5000
     default_timeout_ms: int = 300_000
     default_memory_limit_mb: int = 256
@@ -49,6 +50,11 @@ class Settings:
     job_retention_days: int = 30
     api_token: str | None = field(default=None, repr=False)
     http_max_body_bytes: int = 1024 * 1024
+
+    @property
+    def processes(self) -> int:
+        """Pool processes: POOL_PROCESSES, or one per concurrent job, never more than the concurrency."""
+        return min(self.pool_processes or self.concurrency, self.concurrency)
 
     @property
     def binds_loopback_only(self) -> bool:
@@ -73,6 +79,7 @@ _ENV_NAMES = {
     "log_level": "LOG_LEVEL",
     "log_format": "LOG_FORMAT",
     "concurrency": "MAX_CONCURRENT_JOBS",
+    "pool_processes": "POOL_PROCESSES",
     "poll_interval_ms": "POLL_INTERVAL_MS",
     "default_timeout_ms": "JOB_TIMEOUT_MS",
     "default_memory_limit_mb": "JOB_MEMORY_LIMIT_MB",
@@ -96,6 +103,7 @@ ENV_VARIABLES: Mapping[str, str] = _ENV_NAMES
 _POSITIVE_INTS = {
     "port": (1, 65535),
     "concurrency": (1, 1000),
+    "pool_processes": (1, 1000),
     "poll_interval_ms": (10, 3_600_000),
     "default_timeout_ms": (1, 86_400_000),
     "default_memory_limit_mb": (8, 1_048_576),

@@ -47,7 +47,10 @@ class Metrics:
             registry=r,
         )
         self.jobs_in_flight = Gauge(f"{PREFIX}_jobs_in_flight", "Jobs running on this worker now.", registry=r)
-        self.pool_size = Gauge(f"{PREFIX}_pool_size", "Process pool slots (MAX_CONCURRENT_JOBS).", registry=r)
+        self.pool_size = Gauge(
+            f"{PREFIX}_pool_size", "Jobs this worker may run at once (MAX_CONCURRENT_JOBS).", registry=r
+        )
+        self.pool_processes = Gauge(f"{PREFIX}_pool_processes", "Pool child processes (POOL_PROCESSES).", registry=r)
         self.pool_restarts = Counter(
             f"{PREFIX}_pool_child_restarts",
             "Pool child processes replaced, by reason (timeout, crash, cancelled).",

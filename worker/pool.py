@@ -1,17 +1,24 @@
-"""The supervised process pool: one job at a time per child, killed one at a time.
+"""The supervised process pool: child processes that run one job at a time, killed one at a time.
 
-Each slot is a long-lived ``python -m worker.runtimes.child`` process. The
-pool hands a job to an idle slot and waits for its outcome with a wall-clock
-deadline. A slot whose job overruns the deadline is killed (with the
-script's process group, for Python jobs); a slot whose process dies
-mid-job yields a ``failed`` outcome naming the signal. Either way the slot
-is respawned in the background and no other job notices — unlike
+Each slot is a long-lived ``python -m worker.runtimes.child`` process that
+runs the jobs it is sent one after another. The pool keeps up to
+``prefetch`` JavaScript jobs queued in each child so a child never waits for
+a round trip between jobs; a Python script only goes to an idle child, and
+nothing is queued behind it.
+
+Every job has a wall-clock deadline, counted from the moment it starts (when
+the job ahead of it in its child finished). A child whose job overruns its
+deadline is killed (with the script's process group, for Python jobs); a
+child that dies mid-job yields a ``failed`` outcome naming the signal. Either
+way the jobs queued behind it never started and are handed to another child,
+only that slot is respawned, and no other job notices — unlike
 ``ProcessPoolExecutor``, where one crash breaks the whole pool.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -24,7 +31,7 @@ from worker.runtimes.protocol import HEADER, decode_payload, encode_frame, outco
 
 log = logging.getLogger(__name__)
 
-# Margin over the job's own limit before the pool kills the slot: the engine
+# Margin over the job's own limit before the pool kills the child: the engine
 # or the script supervisor normally reports a timeout first.
 KILL_MARGIN_SECONDS = 0.25
 _PYTHON_KILL_MARGIN_SECONDS = 5.0 + 2.0  # the script supervisor's TERM->KILL grace, plus slack
@@ -37,13 +44,36 @@ class PoolClosed(RuntimeError):
     """The pool is shutting down and takes no more jobs."""
 
 
+class _Task:
+    """One job on its way through the pool."""
+
+    __slots__ = ("abandoned", "future", "job")
+
+    def __init__(self, job: dict[str, Any], future: asyncio.Future[dict[str, Any]]) -> None:
+        self.job = job
+        self.future = future
+        self.abandoned = False  # its caller stopped waiting; the outcome is dropped
+
+    @property
+    def is_python(self) -> bool:
+        return self.job["runtime"] == "python"
+
+    def deadline_seconds(self) -> float:
+        margin = _PYTHON_KILL_MARGIN_SECONDS if self.is_python else KILL_MARGIN_SECONDS
+        return float(self.job["timeout_ms"]) / 1000 + margin
+
+
 class _Slot:
-    """One child process."""
+    """One child process and the jobs sent to it, in order; the first is running."""
 
     def __init__(self, index: int) -> None:
         self.index = index
         self.proc: asyncio.subprocess.Process | None = None
+        self.sent: collections.deque[_Task] = collections.deque()
         self.job_pgid: int | None = None
+        self.deadline: asyncio.TimerHandle | None = None
+        self.reader: asyncio.Task[None] | None = None
+        self.lost = False
 
     async def start(self) -> None:
         self.proc = await asyncio.create_subprocess_exec(
@@ -55,67 +85,37 @@ class _Slot:
             start_new_session=True,  # terminal Ctrl-C goes to the worker, which decides
             limit=_STREAM_LIMIT,
         )
-        ready = await asyncio.wait_for(self._read(), _START_TIMEOUT_SECONDS)
+        ready = await asyncio.wait_for(self.read(), _START_TIMEOUT_SECONDS)
         if ready.get("event") != "ready":
             raise RuntimeError(f"pool child sent {ready!r} instead of ready")
 
-    async def run(self, job: dict[str, Any], deadline_s: float) -> dict[str, Any]:
-        """Send the job, return its outcome; raises _SlotLost when the child must be replaced."""
-        assert self.proc is not None and self.proc.stdin is not None
-        self.job_pgid = None
-        try:
-            self.proc.stdin.write(encode_frame(job))
-            await self.proc.stdin.drain()
-        except (BrokenPipeError, ConnectionResetError):
-            raise _SlotLost(await self._death_outcome(job)) from None
-        try:
-            async with asyncio.timeout(deadline_s):
-                while True:
-                    message = await self._read()
-                    if "status" in message:
-                        return message
-                    if message.get("event") == "spawned":
-                        self.job_pgid = int(message["pgid"])
-        except TimeoutError:
-            await self.kill()
-            raise _SlotLost(
-                outcome(
-                    "timeout",
-                    error_message=f"script exceeded the {job['timeout_ms']} ms time limit "
-                    "(the engine did not stop by itself; its process was killed)",
-                )
-            ) from None
-        except asyncio.IncompleteReadError:
-            raise _SlotLost(await self._death_outcome(job)) from None
-
-    async def _read(self) -> dict[str, Any]:
+    async def read(self) -> dict[str, Any]:
         assert self.proc is not None and self.proc.stdout is not None
         header = await self.proc.stdout.readexactly(HEADER.size)
         (length,) = HEADER.unpack(header)
         return decode_payload(await self.proc.stdout.readexactly(length))
 
-    async def _death_outcome(self, job: dict[str, Any]) -> dict[str, Any]:
-        assert self.proc is not None
-        returncode = await self.proc.wait()
-        self._kill_job_group()
-        reason = f"killed by {signal.Signals(-returncode).name}" if returncode < 0 else f"exited with code {returncode}"
-        if job["runtime"] == "javascript" and -returncode in _ENGINE_CRASH_SIGNALS:
-            # The script drove the engine into a crash: running it again would crash again.
-            return outcome("failed", error_message=f"the JavaScript engine crashed ({reason}) while running the job")
-        # Killed from outside (the kernel's OOM killer, an operator) or the
-        # supervisor itself failed: not the script's fault, so worth a retry.
-        failed = outcome("failed", error_message=f"the job's pool process died ({reason}); not caused by the script")
-        return {**failed, "retryable": True}
+    def send(self, task: _Task) -> None:
+        assert self.proc is not None and self.proc.stdin is not None
+        self.proc.stdin.write(encode_frame(task.job))
+        self.sent.append(task)
 
-    async def kill(self) -> None:
-        """SIGKILL the child (and the running script's group) and wait for it."""
-        self._kill_job_group()
+    @property
+    def idle(self) -> bool:
+        return not self.sent
+
+    @property
+    def running_python(self) -> bool:
+        return bool(self.sent) and self.sent[0].is_python
+
+    def kill(self) -> None:
+        """SIGKILL the child and the running script's process group."""
+        self.kill_job_group()
         if self.proc is not None and self.proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.kill()
-            await self.proc.wait()
 
-    def _kill_job_group(self) -> None:
+    def kill_job_group(self) -> None:
         if self.job_pgid is not None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.job_pgid, signal.SIGKILL)
@@ -130,72 +130,160 @@ class _Slot:
         try:
             await asyncio.wait_for(self.proc.wait(), 2.0)
         except TimeoutError:
-            await self.kill()
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None else None
-
-
-class _SlotLost(Exception):
-    """The slot's process was killed or died; carries the job's outcome."""
-
-    def __init__(self, job_outcome: dict[str, Any]) -> None:
-        super().__init__(job_outcome.get("error_message"))
-        self.outcome = job_outcome
+            self.kill()
+            await self.proc.wait()
 
 
 class ProcessPool:
     """``size`` supervised child processes; ``run(job)`` returns the job's outcome."""
 
-    def __init__(self, size: int, *, on_respawn: Callable[[str], None] | None = None) -> None:
+    def __init__(self, size: int, *, prefetch: int = 4, on_respawn: Callable[[str], None] | None = None) -> None:
         self.size = size
-        self._idle: asyncio.Queue[_Slot] = asyncio.Queue()
-        self._slots: set[_Slot] = set()
+        self.prefetch = max(1, prefetch)
+        self._waiting: collections.deque[_Task] = collections.deque()
+        self._slots: list[_Slot] = []
         self._respawns: set[asyncio.Task[None]] = set()
         self._on_respawn = on_respawn
         self._closed = False
 
     async def start(self) -> None:
-        """Start every slot; raises if a child cannot start."""
+        """Start every child; raises if one cannot start."""
         slots = [_Slot(i) for i in range(self.size)]
         await asyncio.gather(*(slot.start() for slot in slots))
         for slot in slots:
-            self._slots.add(slot)
-            self._idle.put_nowait(slot)
+            self._adopt(slot)
         log.info("process pool started with %d children", self.size)
 
     async def run(self, job: dict[str, Any]) -> dict[str, Any]:
-        """Run one job in an idle slot (waiting for one if needed); never raises for job faults."""
+        """Run one job (waiting for a child if needed); never raises for job faults.
+
+        Cancelling the caller stops the job: a waiting job is dropped, a running
+        one is killed with its child.
+        """
         if self._closed:
             raise PoolClosed("the pool is closed")
-        slot = await self._idle.get()
-        margin = _PYTHON_KILL_MARGIN_SECONDS if job["runtime"] == "python" else KILL_MARGIN_SECONDS
+        task = _Task(job, asyncio.get_running_loop().create_future())
+        self._waiting.append(task)
+        self._dispatch()
         try:
-            result = await slot.run(job, job["timeout_ms"] / 1000 + margin)
-        except _SlotLost as lost:
-            self._replace(slot, "timeout" if lost.outcome["status"] == "timeout" else "crash")
-            return lost.outcome
+            return await asyncio.shield(task.future)
         except asyncio.CancelledError:
-            await slot.kill()
-            self._replace(slot, "cancelled")
+            self._abandon(task)
             raise
-        self._idle.put_nowait(slot)
-        return result
 
     def child_pids(self) -> list[int]:
         """Pids of the live children (for tests and diagnostics)."""
-        return [slot.pid for slot in self._slots if slot.pid is not None]
+        return [slot.proc.pid for slot in self._slots if slot.proc is not None]
 
-    def _replace(self, slot: _Slot, reason: str) -> None:
-        self._slots.discard(slot)
-        if self._on_respawn is not None:
-            self._on_respawn(reason)
-        if self._closed:
+    def _adopt(self, slot: _Slot) -> None:
+        self._slots.append(slot)
+        slot.reader = asyncio.create_task(self._read_outcomes(slot), name=f"pool-child-{slot.index}")
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        """Send waiting jobs to children: Python ones to idle children only, JavaScript up to ``prefetch`` deep."""
+        if not self._waiting:
             return
-        task = asyncio.create_task(self._respawn(slot.index))
+        kept: collections.deque[_Task] = collections.deque()
+        while self._waiting:
+            task = self._waiting.popleft()
+            if task.abandoned:
+                continue
+            slot = self._choose_slot(task)
+            if slot is None:
+                kept.append(task)
+                continue
+            slot.send(task)
+            if len(slot.sent) == 1:
+                self._arm_deadline(slot)
+        self._waiting = kept
+
+    def _choose_slot(self, task: _Task) -> _Slot | None:
+        live = [slot for slot in self._slots if not slot.lost]
+        if task.is_python:
+            return next((slot for slot in live if slot.idle), None)
+        candidates = [slot for slot in live if len(slot.sent) < self.prefetch and not slot.running_python]
+        candidates = [slot for slot in candidates if not any(t.is_python for t in slot.sent)]
+        return min(candidates, key=lambda slot: len(slot.sent), default=None)
+
+    def _arm_deadline(self, slot: _Slot) -> None:
+        if slot.deadline is not None:
+            slot.deadline.cancel()
+        slot.deadline = None
+        if slot.sent:
+            head = slot.sent[0]
+            slot.deadline = asyncio.get_running_loop().call_later(head.deadline_seconds(), self._overrun, slot)
+
+    async def _read_outcomes(self, slot: _Slot) -> None:
+        try:
+            while True:
+                message = await slot.read()
+                if "status" in message:
+                    task = slot.sent.popleft()
+                    slot.job_pgid = None
+                    self._arm_deadline(slot)
+                    if not task.future.done():
+                        task.future.set_result(message)
+                    self._dispatch()
+                elif message.get("event") == "spawned":
+                    slot.job_pgid = int(message["pgid"])
+        except (asyncio.IncompleteReadError, ConnectionError):
+            if not slot.lost:
+                await self._lose(slot, reason="crash")
+
+    def _overrun(self, slot: _Slot) -> None:
+        slot.deadline = None
+        if slot.lost or not slot.sent:
+            return
+        head = slot.sent[0]
+        if not head.future.done():
+            head.future.set_result(
+                outcome(
+                    "timeout",
+                    error_message=f"script exceeded the {head.job['timeout_ms']} ms time limit "
+                    "(the engine did not stop by itself; its process was killed)",
+                )
+            )
+        task = asyncio.create_task(self._lose(slot, reason="timeout"))
         self._respawns.add(task)
         task.add_done_callback(self._respawns.discard)
+
+    async def _lose(self, slot: _Slot, reason: str) -> None:
+        """The child was killed or died: settle its running job, requeue the rest, respawn."""
+        slot.lost = True
+        if slot.deadline is not None:
+            slot.deadline.cancel()
+        slot.kill()
+        assert slot.proc is not None
+        returncode = await slot.proc.wait()
+        slot.kill_job_group()
+        if slot.reader is not None and slot.reader is not asyncio.current_task():
+            slot.reader.cancel()
+        if slot in self._slots:
+            self._slots.remove(slot)
+        if slot.sent:
+            head = slot.sent.popleft()
+            if not head.future.done():
+                head.future.set_result(_death_outcome(head.job, returncode))
+            # Jobs queued behind it never started: they go to another child, first in line.
+            self._waiting.extendleft(reversed(slot.sent))
+            slot.sent.clear()
+        if self._on_respawn is not None:
+            self._on_respawn(reason)
+        if not self._closed:
+            await self._respawn(slot.index)
+
+    def _abandon(self, task: _Task) -> None:
+        task.abandoned = True
+        for slot in self._slots:
+            if slot.sent and slot.sent[0] is task and not slot.lost:
+                # It is running: stop it by killing its child.
+                killer = asyncio.create_task(self._lose(slot, reason="cancelled"))
+                self._respawns.add(killer)
+                killer.add_done_callback(self._respawns.discard)
+                return
+        # Waiting, or queued in a child behind another job: it is dropped when its turn comes
+        # (queued ones still run, briefly, and their outcome is discarded).
 
     async def _respawn(self, index: int) -> None:
         delay = 0.1
@@ -205,15 +293,14 @@ class ProcessPool:
                 await slot.start()
             except (OSError, RuntimeError, TimeoutError, asyncio.IncompleteReadError) as exc:
                 log.error("could not restart pool child %d: %s; retrying in %.1fs", index, exc, delay)
-                await slot.kill()
+                slot.kill()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
             if self._closed:
                 await slot.close()
                 return
-            self._slots.add(slot)
-            self._idle.put_nowait(slot)
+            self._adopt(slot)
             return
 
     async def close(self) -> None:
@@ -221,5 +308,23 @@ class ProcessPool:
         self._closed = True
         for task in list(self._respawns):
             task.cancel()
-        await asyncio.gather(*(slot.close() for slot in list(self._slots)), return_exceptions=True)
+        slots = list(self._slots)
         self._slots.clear()
+        for slot in slots:
+            slot.lost = True
+            if slot.deadline is not None:
+                slot.deadline.cancel()
+            if slot.reader is not None:
+                slot.reader.cancel()
+        await asyncio.gather(*(slot.close() for slot in slots), return_exceptions=True)
+
+
+def _death_outcome(job: dict[str, Any], returncode: int) -> dict[str, Any]:
+    reason = f"killed by {signal.Signals(-returncode).name}" if returncode < 0 else f"exited with code {returncode}"
+    if job["runtime"] == "javascript" and -returncode in _ENGINE_CRASH_SIGNALS:
+        # The script drove the engine into a crash: running it again would crash again.
+        return outcome("failed", error_message=f"the JavaScript engine crashed ({reason}) while running the job")
+    # Killed from outside (the kernel's OOM killer, an operator) or the supervisor
+    # itself failed: not the script's fault, so worth a retry.
+    failed = outcome("failed", error_message=f"the job's pool process died ({reason}); not caused by the script")
+    return {**failed, "retryable": True}

@@ -13,8 +13,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import sys
 import time
+import warnings
 from typing import Any
 
 import psycopg
@@ -77,14 +80,16 @@ class Worker:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         log.info(
-            "Analysis Executor starting... version %s, worker %s, concurrency %d, database %s",
+            "Analysis Executor starting... version %s, worker %s, concurrency %d (%d processes), database %s",
             __version__,
             settings.worker_id,
             settings.concurrency,
+            settings.processes,
             redact_database_url(settings.database_url),
         )
         self.metrics.build_info.info({"version": __version__, "worker_id": settings.worker_id})
         self.metrics.pool_size.set(settings.concurrency)
+        self.metrics.pool_processes.set(settings.processes)
 
         await self._check_database_reachable()
         db_pool = AsyncConnectionPool(
@@ -109,7 +114,7 @@ class Worker:
         try:
             await self._check_schema(db_pool)
             self._pool = ProcessPool(
-                settings.concurrency, on_respawn=lambda reason: self.metrics.pool_restarts.labels(reason).inc()
+                settings.processes, on_respawn=lambda reason: self.metrics.pool_restarts.labels(reason).inc()
             )
             await self._pool.start()
             self._recorder = Recorder(settings.database_url, settings.worker_id, self.metrics)
@@ -283,8 +288,19 @@ class Worker:
         return True, "ok"
 
 
+def _use_pidfd_child_watcher() -> None:
+    """Python 3.11's default child watcher can lose a child's exit status when another
+    child is spawned at the same moment (it then reports 255 instead of the signal);
+    the pidfd watcher, the default from 3.12 on, does not."""
+    if sys.version_info < (3, 12) and hasattr(os, "pidfd_open"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            asyncio.set_child_watcher(asyncio.PidfdChildWatcher())
+
+
 def run_worker(settings: Settings) -> int:
     """Run a worker in a fresh event loop; return the exit code."""
+    _use_pidfd_child_watcher()
     worker = Worker(settings)
     with contextlib.suppress(KeyboardInterrupt):
         return asyncio.run(worker.run())
