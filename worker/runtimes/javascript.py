@@ -29,87 +29,38 @@ _EXPORT_DEFAULT_DECLARATION = re.compile(
 )
 _EXPORT_DEFAULT = re.compile(r"\bexport\s+default\s+")
 
-# console.* writes into a buffer capped at `limit` characters; the caller
-# reads it out once, as JSON, after the script ran.
-_PRELUDE = r"""
-(function (limit) {
-  const out = { stdout: "", stderr: "", used: 0, overflow: false };
-  function show(value) {
-    if (typeof value === "string") return value;
-    if (value instanceof Error) return String(value.stack ? value + "\n" + value.stack : value);
-    try {
-      const text = JSON.stringify(value);
-      return text === undefined ? String(value) : text;
-    } catch (e) {
-      return String(value);
-    }
-  }
-  function writer(stream) {
-    return function () {
-      if (out.overflow) return;
-      const line = Array.prototype.map.call(arguments, show).join(" ") + "\n";
-      if (out.used + line.length > limit) {
-        out[stream] += line.slice(0, Math.max(0, limit - out.used));
-        out.used = limit;
-        out.overflow = true;
-        return;
-      }
-      out[stream] += line;
-      out.used += line.length;
-    };
-  }
-  const log = writer("stdout");
-  const warn = writer("stderr");
-  Object.defineProperty(globalThis, "console", {
-    value: Object.freeze({ log: log, info: log, debug: log, warn: warn, error: warn, trace: warn }),
-    writable: false, enumerable: false, configurable: false,
-  });
-  Object.defineProperty(globalThis, "__analysis_output__", {
-    value: function () { return JSON.stringify(out); },
-    writable: false, enumerable: false, configurable: false,
-  });
-})(%d);
-"""
+# The wrapper code is compiled again for every job (every job gets a fresh
+# context), so it is kept short: its parse time is most of our overhead.
 
-_CALL = r"""
-(function () {
-  const analyze = globalThis.__analysis_default__;
-  if (typeof analyze !== "function") {
-    throw new TypeError(
-      "the script has no default export function: write `export default function analyze(params, ctx) { ... }`");
-  }
-  const value = analyze(JSON.parse(__job_params__), JSON.parse(__job_context__));
-  if (value !== null && (typeof value === "object" || typeof value === "function")
-      && typeof value.then === "function") {
-    const state = { settled: false };
-    globalThis.__analysis_state__ = state;
-    value.then(function (v) { state.settled = true; state.value = v; },
-               function (e) { state.settled = true; state.failed = true; state.error = e; });
-    return "pending";
-  }
-  globalThis.__analysis_state__ = { settled: true, value: value };
-  return "settled";
-})()
-"""
+# console.* writes into a buffer capped at %(limit)d characters (o: stdout,
+# e: stderr, n: used, x: overflowed), read back once after the script ran.
+_CONSOLE = (
+    'var __o={o:"",e:"",n:0,x:0};'
+    'function __s(v){if(typeof v=="string")return v;if(v instanceof Error)return v+"\\n"+v.stack;'
+    "try{var t=JSON.stringify(v);return t===undefined?String(v):t}catch(e){return String(v)}}"
+    'function __w(k,a){if(__o.x)return;var s=Array.prototype.map.call(a,__s).join(" ")+"\\n";'
+    "if(__o.n+s.length>%(limit)d){__o[k]+=s.slice(0,Math.max(0,%(limit)d-__o.n));__o.n=%(limit)d;__o.x=1}"
+    "else{__o[k]+=s;__o.n+=s.length}}"
+    'var __l=function(){__w("o",arguments)},__e=function(){__w("e",arguments)};'
+    "globalThis.console={log:__l,info:__l,debug:__l,warn:__e,error:__e,trace:__e};"
+)
+_OUTPUT = "JSON.stringify(__o)"
 
-_SETTLED = "globalThis.__analysis_state__.settled"
-
-_RETHROW = r"""
-(function () {
-  const state = globalThis.__analysis_state__;
-  if (state.failed) throw state.error;
-  return 0;
-})()
-"""
-
-# Serialised apart from the call so a non-serialisable result is reported as such.
-_RESULT = r"""
-(function () {
-  const state = globalThis.__analysis_state__;
-  const text = JSON.stringify(state.value === undefined ? null : state.value);
-  return text === undefined ? "null" : text;
-})()
-"""
+# Call the default export; answer its JSON-serialised result, or the bare
+# word pending (never valid JSON) when it returned a promise.
+_CALL = (
+    f"var __r=globalThis.{DEFAULT_EXPORT};"
+    'if(typeof __r!="function")throw new TypeError("the script has no default export function: '
+    'write `export default function analyze(params, ctx) { ... }`");'
+    "__r=__r(JSON.parse(__job_params__),JSON.parse(__job_context__));"
+    '(__r!==null&&typeof __r=="object"&&typeof __r.then=="function")?'
+    '(__r.then(function(v){__r={ok:1,v:v}},function(e){__r={e:e}}),"pending"):'
+    '((__r=JSON.stringify(__r===undefined?null:__r))===undefined?"null":__r)'
+)
+_PENDING = "pending"
+_SETTLED = '__r!==null&&typeof __r=="object"&&("ok" in __r||"e" in __r)'
+_RETHROW = 'if("e" in __r)throw __r.e;0'
+_RESULT = '(__r=JSON.stringify(__r.v===undefined?null:__r.v))===undefined?"null":__r'
 
 
 def expose_default_export(source: str) -> str:
@@ -132,24 +83,30 @@ def expose_default_export(source: str) -> str:
 
 def run_javascript(job: dict[str, Any]) -> dict[str, Any]:
     """Run ``job["source"]`` and return an outcome (never raises for script faults)."""
-    timeout_ms: int = job["timeout_ms"]
-    memory_limit_mb: int = job["memory_limit_mb"]
+    source: str = job["source"]
     output_limit: int = job["output_max_bytes"]
+    # console exists only for scripts that mention it: setting it up costs more
+    # than the whole call of a small analysis.
+    captures = "console" in source
     context = quickjs.Context()
-    context.set_memory_limit(memory_limit_mb * 1024 * 1024)
+    context.set_memory_limit(job["memory_limit_mb"] * 1024 * 1024)
     context.set_max_stack_size(job["stack_limit_kb"] * 1024)
-    context.set_time_limit(timeout_ms / 1000)
+    context.set_time_limit(job["timeout_ms"] / 1000)
     try:
-        context.eval(_PRELUDE % output_limit)
+        if captures:
+            context.eval(_CONSOLE % {"limit": output_limit})
         context.set("__job_params__", job["parameters_json"])
         context.set("__job_context__", job["context_json"])
         try:
-            context.module(expose_default_export(job["source"]))
+            context.module(expose_default_export(source))
         except quickjs.JSException as exc:
-            return _failure(context, exc, job, stage="load")
+            return _failure(context, exc, job, captures, stage="load")
         try:
-            state = context.eval(_CALL)
-            if state == "pending":
+            result_json = context.eval(_CALL)
+        except quickjs.JSException as exc:
+            return _failure(context, exc, job, captures, stage="run")
+        if result_json == _PENDING:
+            try:
                 while context.execute_pending_job():
                     pass
                 if not context.eval(_SETTLED):
@@ -157,62 +114,71 @@ def run_javascript(job: dict[str, Any]) -> dict[str, Any]:
                         context,
                         "failed",
                         output_limit,
+                        captures,
                         error_message="the promise returned by analyze() never settled "
                         "(there are no timers or I/O in the sandbox to resolve it)",
                     )
                 context.eval(_RETHROW)
-        except quickjs.JSException as exc:
-            return _failure(context, exc, job, stage="run")
-        try:
-            result_json = context.eval(_RESULT)
-        except quickjs.JSException as exc:
-            return _failure(context, exc, job, stage="result")
+            except quickjs.JSException as exc:
+                return _failure(context, exc, job, captures, stage="run")
+            try:
+                result_json = context.eval(_RESULT)
+            except quickjs.JSException as exc:
+                return _failure(context, exc, job, captures, stage="result")
         result_bytes = len(result_json.encode("utf-8", "surrogatepass"))
         if result_bytes > job["result_max_bytes"]:
             return _with_output(
                 context,
                 "failed",
                 output_limit,
+                captures,
                 error_message=f"result is {_size(result_bytes)}, over the {_size(job['result_max_bytes'])} "
                 "limit (RESULT_MAX_BYTES)",
             )
-        return _with_output(context, "completed", output_limit, result_json=result_json)
+        return _with_output(context, "completed", output_limit, captures, result_json=result_json)
     finally:
         del context
 
 
-def _failure(context: quickjs.Context, exc: quickjs.JSException, job: dict[str, Any], *, stage: str) -> dict[str, Any]:
+def _failure(
+    context: quickjs.Context, exc: quickjs.JSException, job: dict[str, Any], captures: bool, *, stage: str
+) -> dict[str, Any]:
     text = _trim_stack(str(exc))
     limit = job["output_max_bytes"]
     if isinstance(exc, quickjs.StackOverflow) or text.startswith("InternalError: stack overflow"):
         message = f"stack overflow: recursion too deep for the {job['stack_limit_kb']} KB stack limit\n{text}"
-        return _with_output(context, "failed", limit, error_message=message)
+        return _with_output(context, "failed", limit, captures, error_message=message)
     if text.startswith("InternalError: out of memory"):
         message = f"script exceeded the {job['memory_limit_mb']} MB memory limit (out of memory)"
-        return _with_output(context, "failed", limit, error_message=message)
+        return _with_output(context, "failed", limit, captures, error_message=message)
     if text.startswith("InternalError: interrupted"):
         message = f"script exceeded the {job['timeout_ms']} ms time limit"
-        return _with_output(context, "timeout", limit, error_message=message)
+        return _with_output(context, "timeout", limit, captures, error_message=message)
     if stage == "load" and text.startswith("SyntaxError"):
-        return _with_output(context, "failed", limit, error_message=f"syntax error in script: {text}")
-    if stage == "result":
-        return _with_output(context, "failed", limit, error_message=f"result is not JSON-serialisable: {text}")
-    return _with_output(context, "failed", limit, error_message=text)
+        return _with_output(context, "failed", limit, captures, error_message=f"syntax error in script: {text}")
+    if stage == "result" or (stage == "run" and _thrown_by_our_stringify(text)):
+        return _with_output(
+            context, "failed", limit, captures, error_message=f"result is not JSON-serialisable: {text}"
+        )
+    return _with_output(context, "failed", limit, captures, error_message=text)
 
 
 def _with_output(
     context: quickjs.Context,
     status: str,
     output_limit: int,
+    captures: bool,
     *,
     result_json: str | None = None,
     error_message: str | None = None,
 ) -> dict[str, Any]:
-    try:
-        captured = json.loads(context.eval("__analysis_output__()"))
-        stdout, stderr, overflow = captured["stdout"], captured["stderr"], captured["overflow"]
-    except quickjs.JSException:  # the context is out of memory: output is lost, the verdict is not
-        stdout, stderr, overflow = "", "", False
+    stdout, stderr, overflow = "", "", False
+    if captures:
+        try:
+            captured = json.loads(context.eval(_OUTPUT))
+            stdout, stderr, overflow = captured["o"], captured["e"], bool(captured["x"])
+        except quickjs.JSException:  # the context is out of memory: output is lost, the verdict is not
+            pass
     if overflow:
         marker = f"\n[output truncated: over the {_size(output_limit)} limit (JOB_OUTPUT_MAX_BYTES)]\n"
         stderr += marker
@@ -220,6 +186,12 @@ def _with_output(
             status, result_json = "failed", None
             error_message = f"script output exceeded the {_size(output_limit)} limit (JOB_OUTPUT_MAX_BYTES)"
     return outcome(status, result_json=result_json, error_message=error_message, stdout=stdout, stderr=stderr)
+
+
+def _thrown_by_our_stringify(text: str) -> bool:
+    """True when the wrapper's JSON.stringify of the result threw (not the script's own)."""
+    frames = [line.strip() for line in text.splitlines()[1:]]
+    return frames[:2] == ["at stringify (native)", "at <eval> (<input>:1)"]
 
 
 def _trim_stack(text: str) -> str:
