@@ -95,10 +95,11 @@ class _Slot:
         (length,) = HEADER.unpack(header)
         return decode_payload(await self.proc.stdout.readexactly(length))
 
-    def send(self, task: _Task) -> None:
+    def send(self, tasks: list[_Task]) -> None:
+        """Write the jobs' frames in one go and remember them, in order."""
         assert self.proc is not None and self.proc.stdin is not None
-        self.proc.stdin.write(encode_frame(task.job))
-        self.sent.append(task)
+        self.proc.stdin.write(b"".join(encode_frame(task.job) for task in tasks))
+        self.sent.extend(tasks)
 
     @property
     def idle(self) -> bool:
@@ -184,27 +185,39 @@ class ProcessPool:
         """Send waiting jobs to children: Python ones to idle children only, JavaScript up to ``prefetch`` deep."""
         if not self._waiting:
             return
+        live = [slot for slot in self._slots if not slot.lost]
+        planned: dict[_Slot, list[_Task]] = {slot: [] for slot in live}
         kept: collections.deque[_Task] = collections.deque()
         while self._waiting:
             task = self._waiting.popleft()
             if task.abandoned:
                 continue
-            slot = self._choose_slot(task)
+            slot = self._choose_slot(task, planned)
             if slot is None:
                 kept.append(task)
-                continue
-            slot.send(task)
-            if len(slot.sent) == 1:
-                self._arm_deadline(slot)
+            else:
+                planned[slot].append(task)
         self._waiting = kept
+        for slot, tasks in planned.items():
+            if tasks:
+                was_idle = slot.idle
+                slot.send(tasks)
+                if was_idle:
+                    self._arm_deadline(slot)
 
-    def _choose_slot(self, task: _Task) -> _Slot | None:
-        live = [slot for slot in self._slots if not slot.lost]
-        if task.is_python:
-            return next((slot for slot in live if slot.idle), None)
-        candidates = [slot for slot in live if len(slot.sent) < self.prefetch and not slot.running_python]
-        candidates = [slot for slot in candidates if not any(t.is_python for t in slot.sent)]
-        return min(candidates, key=lambda slot: len(slot.sent), default=None)
+    def _choose_slot(self, task: _Task, planned: dict[_Slot, list[_Task]]) -> _Slot | None:
+        """The least loaded child that can take the task, or None."""
+        best, best_load = None, self.prefetch
+        for slot, tasks in planned.items():
+            load = len(slot.sent) + len(tasks)
+            if task.is_python:
+                if load == 0:
+                    return slot
+                continue
+            # Nothing is queued behind a Python script: it may run for minutes.
+            if load < best_load and not (slot.sent and slot.sent[-1].is_python) and not (tasks and tasks[-1].is_python):
+                best, best_load = slot, load
+        return best
 
     def _arm_deadline(self, slot: _Slot) -> None:
         if slot.deadline is not None:

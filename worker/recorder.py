@@ -1,7 +1,7 @@
 """Recording: write finished jobs back to their rows, in batches, never dropping one.
 
 Outcomes queue up while a write is in flight and go out together in one
-pipelined ``executemany``. Every write is fenced by the attempt this worker
+statement (``sql/record_outcomes.sql``). Every write is fenced by the attempt this worker
 claimed (see ``sql/record_outcome.sql``). When the database is away the batch
 is retried with backoff until it is back; a row the database refuses (bad
 data) is written alone, as a failure that says why.
@@ -94,18 +94,9 @@ class Recorder:
             return written
 
     async def _write(self, batch: list[_Pending]) -> dict[str, str]:
-        # In id order, as the heartbeat locks them, so the two never deadlock.
-        params = sorted((self._params(item) for item in batch), key=lambda row: row["id"])
         conn = await self._conn.get()
-        # One transaction, one commit for the whole batch (autocommit would commit every row).
-        async with conn.transaction(), conn.cursor() as cur:
-            await cur.executemany(QUERIES["record_outcome"], params, returning=True)
-            stored: dict[str, str] = {}
-            while True:
-                stored.update((str(row[0]), row[1]) for row in await cur.fetchall())
-                if not cur.nextset():
-                    break
-        return stored
+        cur = await conn.execute(QUERIES["record_outcomes"], self._params(batch), prepare=True)
+        return {str(job_id): status for job_id, status in await cur.fetchall()}
 
     async def _write_one_by_one(self, batch: list[_Pending]) -> dict[str, str]:
         stored: dict[str, str] = {}
@@ -135,21 +126,35 @@ class Recorder:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _MAX_BACKOFF_SECONDS)
 
-    def _params(self, item: _Pending) -> dict[str, Any]:
-        job, outcome = item.job, item.outcome
-        result = outcome.get("result_json")
-        return {
-            "id": job.id,
-            "worker_id": self._worker_id,
-            "attempt": job.attempt,
-            "retry": item.retry,
-            "status": outcome["status"],
-            "result": _JSON_NUL.sub(r"\1\\ufffd", _text(result)) if result is not None else None,
-            "error_message": _text(outcome.get("error_message")),
-            "stdout": _text(outcome.get("stdout")),
-            "stderr": _text(outcome.get("stderr")),
-            "exit_code": outcome.get("exit_code"),
+    def _params(self, batch: list[_Pending]) -> dict[str, Any]:
+        """The batch as one array per column, for record_outcomes.sql."""
+        columns: dict[str, list[Any]] = {
+            name: []
+            for name in (
+                "ids",
+                "attempts",
+                "statuses",
+                "retry",
+                "results",
+                "errors",
+                "stdouts",
+                "stderrs",
+                "exit_codes",
+            )
         }
+        for item in batch:
+            outcome = item.outcome
+            result = outcome.get("result_json")
+            columns["ids"].append(item.job.id)
+            columns["attempts"].append(item.job.attempt)
+            columns["statuses"].append(outcome["status"])
+            columns["retry"].append(item.retry)
+            columns["results"].append(_JSON_NUL.sub(r"\1\\ufffd", _text(result)) if result is not None else None)
+            columns["errors"].append(_text(outcome.get("error_message")))
+            columns["stdouts"].append(_text(outcome.get("stdout")))
+            columns["stderrs"].append(_text(outcome.get("stderr")))
+            columns["exit_codes"].append(outcome.get("exit_code"))
+        return {**columns, "worker_id": self._worker_id}
 
 
 def _text(value: str | None) -> str | None:
