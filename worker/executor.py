@@ -71,7 +71,7 @@ class Executor:
         self._metrics = metrics
         self._claim_conn = DedicatedConnection(settings.database_url, "analysis-executor claims")
         self._running: dict[str, asyncio.Task[None]] = {}
-        self._executing: dict[str, tuple[ClaimedJob, asyncio.Task[dict[str, Any]]]] = {}
+        self._executing: dict[str, tuple[ClaimedJob, asyncio.Task[None]]] = {}
         self._interrupted: dict[str, str] = {}
         self._released: list[ClaimedJob] = []
         self._claiming = True
@@ -148,29 +148,31 @@ class Executor:
     def interrupt(self, job_id: str, reason: str) -> bool:
         """Stop a job's execution (kills its process); False if it is not executing here."""
         entry = self._executing.get(job_id)
-        if entry is None or entry[1].done():
+        if entry is None:
             return False
-        task = entry[1]
         self._interrupted[job_id] = reason
-        task.cancel()
+        entry[1].cancel()
         return True
 
     async def _run_job(self, job: ClaimedJob) -> None:
         started = time.monotonic()
-        execution = asyncio.create_task(self._execute(job))
-        self._executing[job.id] = (job, execution)
+        task = asyncio.current_task()
+        assert task is not None
+        # While the job executes, cancelling this task stops it; once it has an
+        # outcome the task leaves _executing and nothing can interrupt the write.
+        self._executing[job.id] = (job, task)
         try:
             try:
-                await asyncio.wait([execution])
+                result = await self._execute(job)
             except asyncio.CancelledError:
-                execution.cancel()
-                raise
-            del self._executing[job.id]
-            reason = self._interrupted.pop(job.id, None)
-            if execution.cancelled():
-                self._after_interruption(job, reason or SHUTDOWN, time.monotonic() - started)
+                reason = self._interrupted.pop(job.id, None)
+                if reason is None:
+                    raise  # cancelled for another reason (the worker is stopping): let it go
+                task.uncancel()
+                self._executing.pop(job.id, None)
+                self._after_interruption(job, reason, time.monotonic() - started)
                 return
-            result = execution.result()
+            self._executing.pop(job.id, None)
             stored = await self._recorder.record(job, result, retry=self._should_retry(job, result))
             self._lifecycle.finished(job, result, stored_status=stored, seconds=time.monotonic() - started)
         finally:

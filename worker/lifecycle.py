@@ -54,14 +54,23 @@ class JobLifecycle:
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
         self.jobs_processed = 0
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """The labelled child of a metric, looked up once (labels() is slow in the hot path)."""
+        key = (metric._name, *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def claimed(self, jobs: list[ClaimedJob]) -> None:
         """Jobs were claimed and are about to run."""
         if jobs:
             log.debug("Found %d pending jobs", len(jobs))
         for job in jobs:
-            self._metrics.jobs_claimed.labels(job.runtime).inc()
-            self._metrics.queue_wait.labels(job.runtime).observe(job.queue_wait_seconds)
+            self._child(self._metrics.jobs_claimed, job.runtime).inc()
+            self._child(self._metrics.queue_wait, job.runtime).observe(job.queue_wait_seconds)
         self._metrics.jobs_in_flight.inc(len(jobs))
 
     def finished(self, job: ClaimedJob, outcome: dict[str, Any], *, stored_status: str | None, seconds: float) -> None:
@@ -77,8 +86,8 @@ class JobLifecycle:
             )
             return
         self.jobs_processed += 1
-        self._metrics.jobs_finished.labels(stored_status, job.runtime).inc()
-        self._metrics.job_duration.labels(job.runtime).observe(seconds)
+        self._child(self._metrics.jobs_finished, stored_status, job.runtime).inc()
+        self._child(self._metrics.job_duration, job.runtime).observe(seconds)
         context.update(status=stored_status, runtime=job.runtime, duration_ms=round(seconds * 1000, 3))
         error = (outcome.get("error_message") or outcome["status"]).splitlines()[0]
         if stored_status == "completed":

@@ -138,14 +138,17 @@ class _Slot:
 class ProcessPool:
     """``size`` supervised child processes; ``run(job)`` returns the job's outcome."""
 
-    def __init__(self, size: int, *, prefetch: int = 4, on_respawn: Callable[[str], None] | None = None) -> None:
+    def __init__(self, size: int, *, prefetch: int = 8, on_respawn: Callable[[str], None] | None = None) -> None:
         self.size = size
         self.prefetch = max(1, prefetch)
+        # A busy child is topped up only once half its queue is done: fewer, larger writes.
+        self._refill_below = max(1, self.prefetch // 2)
         self._waiting: collections.deque[_Task] = collections.deque()
         self._slots: list[_Slot] = []
         self._respawns: set[asyncio.Task[None]] = set()
         self._on_respawn = on_respawn
         self._closed = False
+        self._dispatch_scheduled = False
 
     async def start(self) -> None:
         """Start every child; raises if one cannot start."""
@@ -163,11 +166,15 @@ class ProcessPool:
         """
         if self._closed:
             raise PoolClosed("the pool is closed")
-        task = _Task(job, asyncio.get_running_loop().create_future())
+        loop = asyncio.get_running_loop()
+        task = _Task(job, loop.create_future())
         self._waiting.append(task)
-        self._dispatch()
+        if not self._dispatch_scheduled:
+            # Jobs submitted in the same turn of the event loop go out together.
+            self._dispatch_scheduled = True
+            loop.call_soon(self._dispatch)
         try:
-            return await asyncio.shield(task.future)
+            return await task.future
         except asyncio.CancelledError:
             self._abandon(task)
             raise
@@ -183,6 +190,7 @@ class ProcessPool:
 
     def _dispatch(self) -> None:
         """Send waiting jobs to children: Python ones to idle children only, JavaScript up to ``prefetch`` deep."""
+        self._dispatch_scheduled = False
         if not self._waiting:
             return
         live = [slot for slot in self._slots if not slot.lost]
@@ -237,7 +245,8 @@ class ProcessPool:
                     self._arm_deadline(slot)
                     if not task.future.done():
                         task.future.set_result(message)
-                    self._dispatch()
+                    if len(slot.sent) < self._refill_below:
+                        self._dispatch()
                 elif message.get("event") == "spawned":
                     slot.job_pgid = int(message["pgid"])
         except (asyncio.IncompleteReadError, ConnectionError):
