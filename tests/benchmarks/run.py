@@ -258,7 +258,7 @@ def bench_js_throughput(server_url: str, runs: int, processes: int, jobs: int, c
                 "INSERT INTO analysis_jobs (analysis_id) SELECT %s FROM generate_series(1, %s)", (analysis, jobs)
             )
             conn.execute("VACUUM ANALYZE analysis_jobs")
-            with workers(url, processes, "--concurrency", str(concurrency)) as procs:
+            with workers(url, processes, "--concurrency", str(concurrency), "--pool-processes", "2") as procs:
                 wait_for_completed(conn, jobs)
                 rss = {
                     "worker_rss_kib": rss_kib(procs[0].pid),
@@ -388,7 +388,7 @@ def bench_scale(
                         " (SELECT id FROM analysis_jobs WHERE status = 'pending' LIMIT %s)",
                         (measured_jobs,),
                     )
-                    with workers(url, 1, "--concurrency", "64"):
+                    with workers(url, 1, "--concurrency", "128", "--pool-processes", "2"):
                         wait_for_completed(conn, history + measured_jobs)
                     count, seconds = conn.execute(
                         "SELECT count(*), EXTRACT(EPOCH FROM max(completed_at) - min(started_at)) FROM analysis_jobs"
@@ -421,13 +421,13 @@ def bench_runtime_only(runs: int, jobs: int = 5_000) -> Measurement:
     return result
 
 
-def bench_memory(server_url: str, jobs: int = 100_000, concurrency: int = 64) -> Measurement:
+def bench_memory(server_url: str, jobs: int = 100_000, concurrency: int = 128) -> Measurement:
     """Worker and child RSS sampled through a long run: it must not grow per job."""
     result = Measurement(f"worker RSS over a {jobs:,}-job run", "KiB")
     with fresh_database(server_url) as url, psycopg.connect(url, autocommit=True) as conn:
         analysis = create_analysis(conn, TRIVIAL_JS)
         conn.execute("INSERT INTO analysis_jobs (analysis_id) SELECT %s FROM generate_series(1, %s)", (analysis, jobs))
-        with workers(url, 1, "--concurrency", str(concurrency)) as (proc,):
+        with workers(url, 1, "--concurrency", str(concurrency), "--pool-processes", "2") as (proc,):
             samples = []
             while True:
                 done = conn.execute("SELECT count(*) FROM analysis_jobs WHERE status = 'completed'").fetchone()[0]  # type: ignore[index]
@@ -503,8 +503,8 @@ WORKLOADS: dict[str, Callable[[str, int], list[Measurement]]] = {
     "runtime": lambda url, runs: [bench_runtime_only(runs)],
     "pickup": lambda url, runs: bench_pickup(url, runs),
     "throughput": lambda url, runs: [
-        bench_js_throughput(url, runs, processes=1, jobs=20_000, concurrency=64),
-        bench_js_throughput(url, runs, processes=2, jobs=20_000, concurrency=64),
+        bench_js_throughput(url, runs, processes=1, jobs=20_000, concurrency=128),
+        bench_js_throughput(url, runs, processes=2, jobs=20_000, concurrency=128),
     ],
     "python": lambda url, runs: [bench_python_throughput(url, runs)],
     "submission": lambda url, runs: bench_submission(url, runs),
