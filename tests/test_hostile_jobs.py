@@ -7,7 +7,6 @@ good job on the same worker.
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import NamedTuple
 import psycopg
 
 from tests.conftest import WorkerProcess, create_analysis, submit, wait_for_jobs
+from tests.processes import alive
 
 GOOD_SCRIPT = 'export default function analyze(data) { return {result: "success"}; }'
 
@@ -143,15 +143,6 @@ time.sleep(300)
 }
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    status = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    return status != "Z"
-
-
 def test_hostile_python_jobs_fail_cleanly_and_the_worker_carries_on(
     db: psycopg.Connection, start_worker: Callable[..., WorkerProcess], scripts_dir: Path, tmp_path: Path
 ) -> None:
@@ -202,7 +193,7 @@ def test_hostile_python_jobs_fail_cleanly_and_the_worker_carries_on(
     assert sleeper["status"] == "timeout"
     assert "1000 ms time limit" in sleeper["error_message"]
     for pid in map(int, sleeper["stdout"].split()):
-        assert not _alive(pid), f"descendant {pid} of a timed-out script survived"
+        assert not alive(pid), f"descendant {pid} of a timed-out script survived"
 
     flood = rows[jobs["flood"]]
     assert flood["status"] == "failed"
@@ -240,3 +231,18 @@ def test_whitelist_is_reread_when_the_folder_changes(
     (scripts_dir / "late_arrival.py").write_text("print('[1, 2]')\n")
     second = submit(db, analysis)
     assert wait_for_jobs(db, [second])[second]["result"] == [1, 2]
+
+
+def test_jobs_queued_behind_a_hung_job_in_a_shared_child_still_complete(
+    db: psycopg.Connection, start_worker: Callable[..., WorkerProcess], scripts_dir: Path
+) -> None:
+    (scripts_dir / "ok.py").write_text("print('[\"py\"]')\n")
+    worker = start_worker("--concurrency", "8", "--pool-processes", "1")
+    hung = submit(db, create_analysis(db, script=JS_CASES["catastrophic regex"].script, timeout_ms=1000))
+    behind = [submit(db, create_analysis(db, script=GOOD_SCRIPT)) for _ in range(5)]
+    python = submit(db, create_analysis(db, script_name="ok"))
+    rows = wait_for_jobs(db, [hung, *behind, python], timeout=60)
+    assert rows[hung]["status"] == "timeout"
+    assert {rows[j]["status"] for j in behind} == {"completed"}
+    assert rows[python]["result"] == ["py"]
+    assert "analysis_executor_pool_processes 1.0" in worker.get("/metrics")[1]

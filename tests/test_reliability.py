@@ -16,7 +16,6 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -24,6 +23,7 @@ import pytest
 from psycopg_pool import AsyncConnectionPool
 
 from tests.conftest import WorkerProcess, create_analysis, submit, wait_for_jobs
+from tests.processes import alive, child_pids
 from worker.config import load_settings
 from worker.maintenance.pruner import Pruner
 from worker.queries import JOBS_FINISHED_CHANNEL
@@ -50,27 +50,6 @@ def job_status(db: psycopg.Connection, job_id: str) -> str:
     row = db.execute("SELECT status FROM analysis_jobs WHERE id = %s", (job_id,)).fetchone()
     assert row is not None
     return str(row[0])
-
-
-def child_pids(pid: int) -> list[int]:
-    children = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat[stat.rfind(")") + 2 :].split()[1]) == pid:
-                children.append(int(entry.name))
-    return children
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rfind(")") + 2] != "Z"
 
 
 def attempts_history(db: psycopg.Connection, job_id: str) -> list[tuple[Any, ...]]:

@@ -114,7 +114,11 @@ class Worker:
         try:
             await self._check_schema(db_pool)
             self._pool = ProcessPool(
-                settings.processes, on_respawn=lambda reason: self.metrics.pool_restarts.labels(reason).inc()
+                settings.processes,
+                # One process per concurrent job (the default) needs no queue in the
+                # children; fewer processes than jobs do, to stay busy.
+                prefetch=1 if settings.processes >= settings.concurrency else 8,
+                on_respawn=lambda reason: self.metrics.pool_restarts.labels(reason).inc(),
             )
             await self._pool.start()
             self._recorder = Recorder(settings.database_url, settings.worker_id, self.metrics)
