@@ -290,6 +290,7 @@ class ProcessPool:
             # Jobs queued behind it never started: they go to another child, first in line.
             self._waiting.extendleft(reversed(slot.sent))
             slot.sent.clear()
+            self._dispatch()
         if self._on_respawn is not None:
             self._on_respawn(reason)
         if not self._closed:

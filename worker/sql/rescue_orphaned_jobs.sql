@@ -5,7 +5,7 @@ WITH lost AS (
     SELECT id
     FROM analysis_jobs
     WHERE status = 'running'
-      AND heartbeat_at < now() - make_interval(secs => %(lease_seconds)s)
+      AND coalesce(heartbeat_at, started_at, created_at) < now() - make_interval(secs => %(lease_seconds)s)
     FOR NO KEY UPDATE SKIP LOCKED
 )
 UPDATE analysis_jobs AS job
