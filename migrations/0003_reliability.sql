@@ -49,7 +49,11 @@ CREATE FUNCTION analysis_jobs_on_cancel() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
     NEW.completed_at := coalesce(NEW.completed_at, now());
-    NEW.error_message := coalesce(NEW.error_message, 'cancelled');
+    -- 'cancelled', unless the cancelling UPDATE gave its own reason (an earlier
+    -- attempt's error must not read as the reason for the cancel).
+    IF NEW.error_message IS NOT DISTINCT FROM OLD.error_message THEN
+        NEW.error_message := 'cancelled';
+    END IF;
     IF OLD.status = 'running' THEN
         NEW.duration_ms := greatest(0, (EXTRACT(EPOCH FROM (NEW.completed_at - OLD.started_at)) * 1000)::bigint);
         PERFORM pg_notify('analysis_jobs_cancel', OLD.id::text);

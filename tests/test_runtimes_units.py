@@ -65,3 +65,16 @@ def test_whitelist_ignores_private_files(tmp_path: Path) -> None:
     assert whitelist.names() == []
     with pytest.raises(ScriptNotAllowed, match="not in the whitelist"):
         whitelist.resolve("_helpers")
+
+
+def test_only_connection_and_concurrency_failures_are_retried_as_is() -> None:
+    from psycopg import errors
+
+    from worker.recorder import is_transient
+
+    assert is_transient(errors.AdminShutdown())
+    assert is_transient(errors.DeadlockDetected())
+    assert is_transient(errors.ConnectionFailure())
+    assert not is_transient(errors.QueryCanceled())
+    assert not is_transient(errors.ProgramLimitExceeded())
+    assert not is_transient(errors.InvalidTextRepresentation())

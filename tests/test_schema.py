@@ -244,3 +244,18 @@ def test_claim_query_claims_in_priority_order_and_respects_the_limit(db: psycopg
     ).fetchall()
     assert sorted(r[0] for r in rows) == [1, 2, 2, 2]
     assert {r[1:] for r in rows} == {(1, "w1", 1, True, True)}
+
+
+def test_cancelling_replaces_an_earlier_attempts_error_unless_a_reason_is_given(
+    db: psycopg.Connection, analysis_id: str
+) -> None:
+    db.execute(
+        "INSERT INTO analysis_jobs (analysis_id, error_message) VALUES (%s, 'worker lost: w1 ...')", (analysis_id,)
+    )
+    db.execute("UPDATE analysis_jobs SET status = 'cancelled' WHERE status = 'pending'")
+    db.execute("INSERT INTO analysis_jobs (analysis_id) VALUES (%s)", (analysis_id,))
+    db.execute("UPDATE analysis_jobs SET status = 'cancelled', error_message = 'duplicate' WHERE status = 'pending'")
+    rows = db.execute(
+        "SELECT error_message, completed_at IS NOT NULL FROM analysis_jobs ORDER BY created_at"
+    ).fetchall()
+    assert sorted(rows) == [("cancelled", True), ("duplicate", True)]

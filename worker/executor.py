@@ -70,9 +70,11 @@ class Executor:
         self._lifecycle = lifecycle
         self._metrics = metrics
         self._claim_conn = DedicatedConnection(settings.database_url, "analysis-executor claims")
-        self._running: dict[str, asyncio.Task[None]] = {}
-        self._executing: dict[str, tuple[ClaimedJob, asyncio.Task[None]]] = {}
-        self._interrupted: dict[str, str] = {}
+        # Keyed by (job id, attempt): this worker may hold a rescued job's new
+        # attempt while its old one is still being stopped.
+        self._running: dict[tuple[str, int], tuple[ClaimedJob, asyncio.Task[None]]] = {}
+        self._executing: dict[tuple[str, int], tuple[ClaimedJob, asyncio.Task[None]]] = {}
+        self._interrupted: dict[tuple[str, int], str] = {}
         self._released: list[ClaimedJob] = []
         self._claiming = True
         self._backlog = False
@@ -89,6 +91,10 @@ class Executor:
     def executing(self) -> list[ClaimedJob]:
         """The jobs whose scripts are running right now."""
         return [job for job, _ in self._executing.values()]
+
+    def held(self) -> list[ClaimedJob]:
+        """Every job this worker claimed and has not recorded yet (running or being written)."""
+        return [job for job, _ in self._running.values()]
 
     async def run(self) -> None:
         """Claim on every wake-up until claiming stops."""
@@ -135,7 +141,9 @@ class Executor:
     def _start(self, jobs: list[ClaimedJob]) -> None:
         self._lifecycle.claimed(jobs)
         for job in jobs:
-            self._running[job.id] = asyncio.create_task(self._run_job(job), name=f"job-{job.id}")
+            task = asyncio.create_task(self._run_job(job), name=f"job-{job.id}")
+            task.add_done_callback(_log_unexpected_error)
+            self._running[(job.id, job.attempt)] = (job, task)
 
     async def _set_timer_for_next_due_job(self) -> None:
         conn = await self._claim_conn.get()
@@ -145,14 +153,18 @@ class Executor:
         if row and row["next_run_at"] is not None:
             self._wakeups.wake_at((row["next_run_at"] - datetime.now(UTC)).total_seconds())
 
-    def interrupt(self, job_id: str, reason: str) -> bool:
-        """Stop a job's execution (kills its process); False if it is not executing here."""
-        entry = self._executing.get(job_id)
-        if entry is None:
-            return False
-        self._interrupted[job_id] = reason
-        entry[1].cancel()
-        return True
+    def interrupt(self, job_id: str, reason: str, attempt: int | None = None) -> bool:
+        """Stop a job's execution (kills its process); False if it is not executing here.
+
+        Without ``attempt``, every attempt of the job executing here is stopped.
+        """
+        stopped = False
+        for key, (_, task) in list(self._executing.items()):
+            if key[0] == job_id and attempt in (None, key[1]):
+                self._interrupted[key] = reason
+                task.cancel()
+                stopped = True
+        return stopped
 
     async def _run_job(self, job: ClaimedJob) -> None:
         started = time.monotonic()
@@ -160,24 +172,25 @@ class Executor:
         assert task is not None
         # While the job executes, cancelling this task stops it; once it has an
         # outcome the task leaves _executing and nothing can interrupt the write.
-        self._executing[job.id] = (job, task)
+        key = (job.id, job.attempt)
+        self._executing[key] = (job, task)
         try:
             try:
                 result = await self._execute(job)
             except asyncio.CancelledError:
-                reason = self._interrupted.pop(job.id, None)
+                reason = self._interrupted.pop(key, None)
                 if reason is None:
                     raise  # cancelled for another reason (the worker is stopping): let it go
                 task.uncancel()
-                self._executing.pop(job.id, None)
+                self._executing.pop(key, None)
                 self._after_interruption(job, reason, time.monotonic() - started)
                 return
-            self._executing.pop(job.id, None)
+            self._executing.pop(key, None)
             stored = await self._recorder.record(job, result, retry=self._should_retry(job, result))
             self._lifecycle.finished(job, result, stored_status=stored, seconds=time.monotonic() - started)
         finally:
-            self._executing.pop(job.id, None)
-            del self._running[job.id]
+            self._executing.pop(key, None)
+            self._running.pop(key, None)
             free = self._settings.concurrency - len(self._running)
             if self._backlog and self._claiming and free >= self._refill_at:
                 self._wakeups.wake("slot")
@@ -239,13 +252,15 @@ class Executor:
         """Let running jobs finish within the grace period, then kill the rest and hand them back."""
         if self._running:
             log.info("waiting up to %.0fs for %d running job(s) to finish", grace_seconds, len(self._running))
-            await asyncio.wait(list(self._running.values()), timeout=grace_seconds)
-        for job_id in list(self._executing):
-            self.interrupt(job_id, SHUTDOWN)
+            await asyncio.wait([task for _, task in self._running.values()], timeout=grace_seconds)
+        for job_id, attempt in list(self._executing):
+            self.interrupt(job_id, SHUTDOWN, attempt)
         if self._running:
             # Outcomes already produced still get written, briefly; anything
             # left unwritten is rescued by the lease once we are gone.
-            await asyncio.wait(list(self._running.values()), timeout=_RECORD_AT_SHUTDOWN_SECONDS)
+            await asyncio.wait([task for _, task in self._running.values()], timeout=_RECORD_AT_SHUTDOWN_SECONDS)
+        for job, _ in self._running.values():
+            log.warning("Job %s: outcome not recorded before shutdown; the lease will return it to the queue", job.id)
         await self._release(self._released)
 
     async def _release(self, jobs: list[ClaimedJob]) -> None:
@@ -269,3 +284,9 @@ class Executor:
     async def close(self) -> None:
         """Close the claim connection."""
         await self._claim_conn.close()
+
+
+def _log_unexpected_error(task: asyncio.Task[None]) -> None:
+    """A job task must never fail silently: its row would wait for the rescuer unexplained."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("unexpected error in %s", task.get_name(), exc_info=task.exception())

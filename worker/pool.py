@@ -237,8 +237,10 @@ class ProcessPool:
 
     async def _read_outcomes(self, slot: _Slot) -> None:
         try:
-            while True:
+            while not slot.lost:
                 message = await slot.read()
+                if slot.lost:
+                    return  # killed meanwhile: what it says no longer counts
                 if "status" in message:
                     task = slot.sent.popleft()
                     slot.job_pgid = None
@@ -250,8 +252,10 @@ class ProcessPool:
                 elif message.get("event") == "spawned":
                     slot.job_pgid = int(message["pgid"])
         except (asyncio.IncompleteReadError, ConnectionError):
-            if not slot.lost:
-                await self._lose(slot, reason="crash")
+            self._mark_lost(slot, "crash")
+        except ValueError as exc:  # a garbled frame: the child cannot be trusted any more
+            log.error("pool child %d sent an unreadable frame (%s); replacing it", slot.index, exc)
+            self._mark_lost(slot, "crash")
 
     def _overrun(self, slot: _Slot) -> None:
         slot.deadline = None
@@ -266,33 +270,42 @@ class ProcessPool:
                     "(the engine did not stop by itself; its process was killed)",
                 )
             )
-        task = asyncio.create_task(self._lose(slot, reason="timeout"))
+        self._mark_lost(slot, "timeout")
+
+    def _mark_lost(self, slot: _Slot, reason: str) -> None:
+        """Kill the child now (nothing more is sent to it or read from it); clean up in the background."""
+        if slot.lost:
+            return
+        slot.lost = True
+        if slot.deadline is not None:
+            slot.deadline.cancel()
+            slot.deadline = None
+        slot.kill()
+        task = asyncio.create_task(self._lose(slot, reason))
         self._respawns.add(task)
         task.add_done_callback(self._respawns.discard)
 
     async def _lose(self, slot: _Slot, reason: str) -> None:
-        """The child was killed or died: settle its running job, requeue the rest, respawn."""
-        slot.lost = True
-        if slot.deadline is not None:
-            slot.deadline.cancel()
-        slot.kill()
-        assert slot.proc is not None
-        returncode = await slot.proc.wait()
-        slot.kill_job_group()
-        if slot.reader is not None and slot.reader is not asyncio.current_task():
-            slot.reader.cancel()
-        if slot in self._slots:
-            self._slots.remove(slot)
-        if slot.sent:
-            head = slot.sent.popleft()
-            if not head.future.done():
-                head.future.set_result(_death_outcome(head.job, returncode))
-            # Jobs queued behind it never started: they go to another child, first in line.
-            self._waiting.extendleft(reversed(slot.sent))
-            slot.sent.clear()
-            self._dispatch()
-        if self._on_respawn is not None:
-            self._on_respawn(reason)
+        """After the kill: settle the running job, hand the queued ones to other children, respawn."""
+        try:
+            assert slot.proc is not None
+            returncode = await slot.proc.wait()
+            slot.kill_job_group()
+            if slot.reader is not None and slot.reader is not asyncio.current_task():
+                slot.reader.cancel()
+            if slot in self._slots:
+                self._slots.remove(slot)
+            if slot.sent:
+                head = slot.sent.popleft()
+                if not head.future.done():
+                    head.future.set_result(_death_outcome(head.job, returncode))
+                # Jobs queued behind it never started: they go to another child, first in line.
+                self._waiting.extendleft(reversed(slot.sent))
+                slot.sent.clear()
+                self._dispatch()
+        finally:
+            if self._on_respawn is not None:
+                self._on_respawn(reason)
         if not self._closed:
             await self._respawn(slot.index)
 
@@ -300,10 +313,7 @@ class ProcessPool:
         task.abandoned = True
         for slot in self._slots:
             if slot.sent and slot.sent[0] is task and not slot.lost:
-                # It is running: stop it by killing its child.
-                killer = asyncio.create_task(self._lose(slot, reason="cancelled"))
-                self._respawns.add(killer)
-                killer.add_done_callback(self._respawns.discard)
+                self._mark_lost(slot, "cancelled")  # it is running: stop it by killing its child
                 return
         # Waiting, or queued in a child behind another job: it is dropped when its turn comes
         # (queued ones still run, briefly, and their outcome is discarded).
@@ -343,7 +353,13 @@ class ProcessPool:
 
 
 def _death_outcome(job: dict[str, Any], returncode: int) -> dict[str, Any]:
-    reason = f"killed by {signal.Signals(-returncode).name}" if returncode < 0 else f"exited with code {returncode}"
+    if returncode < 0:
+        try:
+            reason = f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:  # a real-time signal has no name
+            reason = f"killed by signal {-returncode}"
+    else:
+        reason = f"exited with code {returncode}"
     if job["runtime"] == "javascript" and -returncode in _ENGINE_CRASH_SIGNALS:
         # The script drove the engine into a crash: running it again would crash again.
         return outcome("failed", error_message=f"the JavaScript engine crashed ({reason}) while running the job")

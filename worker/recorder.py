@@ -62,12 +62,18 @@ class Recorder:
         await self._conn.close()
 
     async def run(self) -> None:
-        """Write batches until cancelled."""
+        """Write batches until cancelled; a batch that cannot be written never stops the next one."""
         while True:
             batch = [await self._queue.get()]
             while not self._queue.empty():
                 batch.append(self._queue.get_nowait())
-            stored = await self._write_with_retry(batch)
+            try:
+                stored = await self._write_with_retry(batch)
+            except Exception:
+                # Unwritten rows stay 'running' and their leases expire: they are
+                # rescued and run again, never lost.
+                log.exception("could not record %d job outcome(s); their jobs will be rescued", len(batch))
+                stored = {}
             for item in batch:
                 if not item.done.done():
                     item.done.set_result(stored.get(item.job.id))
@@ -77,7 +83,13 @@ class Recorder:
         while True:
             try:
                 written = await self._write(batch)
-            except psycopg.OperationalError as exc:
+            except psycopg.Error as exc:
+                if not is_transient(exc):
+                    self._metrics.database_errors.labels("record").inc()
+                    log.warning(
+                        "database refused a batch of %d outcome(s) (%s); writing them one by one", len(batch), exc
+                    )
+                    return await self._write_one_by_one(batch)
                 await self._conn.discard()
                 self.database_ok = False
                 self._metrics.database_errors.labels("record").inc()
@@ -86,10 +98,6 @@ class Recorder:
                 await asyncio.sleep(delay)
                 backoff = min(backoff * 2, _MAX_BACKOFF_SECONDS)
                 continue
-            except psycopg.Error as exc:
-                self._metrics.database_errors.labels("record").inc()
-                log.warning("database refused a batch of %d outcome(s) (%s); writing them one by one", len(batch), exc)
-                return await self._write_one_by_one(batch)
             self.database_ok = True
             return written
 
@@ -112,15 +120,21 @@ class Recorder:
                     "stdout": (item.outcome.get("stdout") or "")[:4096],
                     "stderr": (item.outcome.get("stderr") or "")[:4096],
                 }
-                stored |= await self._write_with_retry_single(_Pending(item.job, replacement, False, item.done))
+                try:
+                    stored |= await self._write_with_retry_single(_Pending(item.job, replacement, False, item.done))
+                except psycopg.Error as again:
+                    log.error("Job %s: could not record its outcome (%s); it will be rescued", item.job.id, again)
         return stored
 
     async def _write_with_retry_single(self, item: _Pending) -> dict[str, str]:
+        """Write one outcome, retrying transient errors; raises the others."""
         backoff = 0.1
         while True:
             try:
                 return await self._write([item])
-            except psycopg.OperationalError:
+            except psycopg.Error as exc:
+                if not is_transient(exc):
+                    raise
                 await self._conn.discard()
                 self._metrics.database_errors.labels("record").inc()
                 await asyncio.sleep(backoff)
@@ -155,6 +169,14 @@ class Recorder:
             columns["stderrs"].append(_text(outcome.get("stderr")))
             columns["exit_codes"].append(outcome.get("exit_code"))
         return {**columns, "worker_id": self._worker_id}
+
+
+def is_transient(exc: psycopg.Error) -> bool:
+    """Worth retrying as is: the connection broke, the server is restarting, or a deadlock/serialization abort."""
+    state = exc.sqlstate or ""
+    if not state:
+        return isinstance(exc, psycopg.OperationalError)  # no SQLSTATE: lost before the server answered
+    return state.startswith(("08", "40", "53", "57P")) or state == "55P03"
 
 
 def _text(value: str | None) -> str | None:

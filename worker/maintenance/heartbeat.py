@@ -69,7 +69,9 @@ class Heartbeat:
 
     async def beat(self) -> None:
         """Renew leases, refresh the registry row, stop jobs that are no longer ours."""
-        jobs = self._executor.executing()
+        # Jobs still being recorded keep their lease too, or a slow write after a
+        # database outage would race the rescuer.
+        jobs = self._executor.held()
         ids = [job.id for job in jobs]
         async with self._db_pool.connection() as conn:
             async with conn.transaction():
