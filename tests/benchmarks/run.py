@@ -171,6 +171,13 @@ def create_analysis(conn: psycopg.Connection, script: str | None = None, script_
     return str(row[0])
 
 
+def insert_pending(conn: psycopg.Connection, analysis: str, count: int, *, vacuum: bool = True) -> None:
+    """A backlog of ``count`` pending jobs, in one statement; then fresh statistics."""
+    conn.execute("INSERT INTO analysis_jobs (analysis_id) SELECT %s FROM generate_series(1, %s)", (analysis, count))
+    if vacuum:
+        conn.execute("VACUUM ANALYZE analysis_jobs")
+
+
 def wait_for_completed(conn: psycopg.Connection, expected: int, timeout: float = 900) -> None:
     deadline = time.monotonic() + timeout
     while conn.execute("SELECT count(*) FROM analysis_jobs WHERE status = 'completed'").fetchone()[0] < expected:  # type: ignore[index]
@@ -202,10 +209,7 @@ def bench_baseline(server_url: str, runs: int, jobs: int = 20_000, batch: int = 
     for _ in range(runs):
         with fresh_database(server_url) as url, psycopg.connect(url, autocommit=True) as conn:
             analysis = create_analysis(conn, TRIVIAL_JS)
-            conn.execute(
-                "INSERT INTO analysis_jobs (analysis_id) SELECT %s FROM generate_series(1, %s)", (analysis, jobs)
-            )
-            conn.execute("VACUUM ANALYZE analysis_jobs")
+            insert_pending(conn, analysis, jobs)
             started = time.perf_counter()
             done = 0
             while done < jobs:
@@ -235,10 +239,7 @@ def bench_js_throughput(server_url: str, runs: int, processes: int, jobs: int, c
     for _ in range(runs):
         with fresh_database(server_url) as url, psycopg.connect(url, autocommit=True) as conn:
             analysis = create_analysis(conn, TRIVIAL_JS)
-            conn.execute(
-                "INSERT INTO analysis_jobs (analysis_id) SELECT %s FROM generate_series(1, %s)", (analysis, jobs)
-            )
-            conn.execute("VACUUM ANALYZE analysis_jobs")
+            insert_pending(conn, analysis, jobs)
             with workers(url, processes, "--concurrency", str(concurrency), "--pool-processes", "2") as procs:
                 wait_for_completed(conn, jobs)
                 rss = {
@@ -259,9 +260,7 @@ def bench_python_throughput(server_url: str, runs: int, jobs: int = 2_000, concu
         for _ in range(runs):
             with fresh_database(server_url) as url, psycopg.connect(url, autocommit=True) as conn:
                 analysis = create_analysis(conn, script_name="trivial")
-                conn.execute(
-                    "INSERT INTO analysis_jobs (analysis_id) SELECT %s FROM generate_series(1, %s)", (analysis, jobs)
-                )
+                insert_pending(conn, analysis, jobs, vacuum=False)
                 with workers(url, 1, "--concurrency", str(concurrency), "--scripts-dir", scripts):
                     wait_for_completed(conn, jobs)
                 result.values.append(throughput_of_finished(conn))
@@ -357,10 +356,7 @@ def bench_scale(
                         " SELECT %s, 'completed', now(), now(), 1 FROM generate_series(1, %s)",
                         (analysis, history),
                     )
-                conn.execute(
-                    "INSERT INTO analysis_jobs (analysis_id) SELECT %s FROM generate_series(1, %s)", (analysis, pending)
-                )
-                conn.execute("VACUUM ANALYZE analysis_jobs")
+                insert_pending(conn, analysis, pending)
                 timings = []
                 for _ in range(50):
                     with conn.transaction(force_rollback=True):
@@ -407,7 +403,7 @@ def bench_memory(server_url: str, jobs: int = 100_000, concurrency: int = 128) -
     result = Measurement(f"worker RSS over a {jobs:,}-job run", "KiB")
     with fresh_database(server_url) as url, psycopg.connect(url, autocommit=True) as conn:
         analysis = create_analysis(conn, TRIVIAL_JS)
-        conn.execute("INSERT INTO analysis_jobs (analysis_id) SELECT %s FROM generate_series(1, %s)", (analysis, jobs))
+        insert_pending(conn, analysis, jobs)
         with workers(url, 1, "--concurrency", str(concurrency), "--pool-processes", "2") as (proc,):
             samples = []
             while True:
