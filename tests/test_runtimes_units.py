@@ -78,3 +78,18 @@ def test_only_connection_and_concurrency_failures_are_retried_as_is() -> None:
     assert not is_transient(errors.QueryCanceled())
     assert not is_transient(errors.ProgramLimitExceeded())
     assert not is_transient(errors.InvalidTextRepresentation())
+
+
+def test_javascript_time_limit_covers_module_code_and_endless_microtasks() -> None:
+    from worker.runtimes.javascript import run_javascript
+
+    job = {
+        "timeout_ms": 300, "memory_limit_mb": 64, "stack_limit_kb": 1024, "output_max_bytes": 1 << 20,
+        "result_max_bytes": 1 << 20, "parameters_json": "{}", "context_json": "{}",
+    }  # fmt: skip
+    microtasks = run_javascript(
+        {**job, "source": "export default async function analyze() { console.log('go'); for (;;) await 0; }"}
+    )
+    assert (microtasks["status"], microtasks["stdout"]) == ("timeout", "go\n")
+    top_level = run_javascript({**job, "source": "while (true) {}\nexport default function analyze() { return 1; }"})
+    assert top_level["status"] == "timeout"

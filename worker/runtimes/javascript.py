@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from typing import Any
 
 import quickjs
@@ -88,27 +89,36 @@ def run_javascript(job: dict[str, Any]) -> dict[str, Any]:
     # console exists only for scripts that mention it: setting it up costs more
     # than the whole call of a small analysis.
     captures = "console" in source
+    # The engine restarts its CPU-time budget on every call into it, so each
+    # call gets what is left of the job's wall-clock limit.
+    deadline = time.monotonic() + job["timeout_ms"] / 1000
     context = quickjs.Context()
     context.set_memory_limit(job["memory_limit_mb"] * 1024 * 1024)
     context.set_max_stack_size(job["stack_limit_kb"] * 1024)
-    context.set_time_limit(job["timeout_ms"] / 1000)
     try:
         if captures:
             context.eval(_CONSOLE % {"limit": output_limit})
         context.set("__job_params__", job["parameters_json"])
         context.set("__job_context__", job["context_json"])
         try:
+            _budget(context, deadline)
             context.module(expose_default_export(source))
         except quickjs.JSException as exc:
             return _failure(context, exc, job, captures, stage="load")
         try:
+            _budget(context, deadline)
             result_json = context.eval(_CALL)
         except quickjs.JSException as exc:
             return _failure(context, exc, job, captures, stage="run")
         if result_json == _PENDING:
             try:
-                while context.execute_pending_job():
-                    pass
+                while True:
+                    if time.monotonic() >= deadline:
+                        message = f"script exceeded the {job['timeout_ms']} ms time limit"
+                        return _with_output(context, "timeout", output_limit, captures, error_message=message)
+                    _budget(context, deadline)
+                    if not context.execute_pending_job():
+                        break
                 if not context.eval(_SETTLED):
                     return _with_output(
                         context,
@@ -138,6 +148,10 @@ def run_javascript(job: dict[str, Any]) -> dict[str, Any]:
         return _with_output(context, "completed", output_limit, captures, result_json=result_json)
     finally:
         del context
+
+
+def _budget(context: quickjs.Context, deadline: float) -> None:
+    context.set_time_limit(max(0.001, deadline - time.monotonic()))
 
 
 def _failure(
