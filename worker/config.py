@@ -8,15 +8,18 @@ works for ``analysis-executor dev``. Nothing else in the package reads
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
+import re
 import socket
 import sys
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 
-from worker.db import validate_database_url
+from worker.db import InvalidDatabaseURL, validate_database_url
 
 
 class ConfigError(ValueError):
@@ -50,6 +53,11 @@ class Settings:
     job_retention_days: int = 30
     api_token: str | None = field(default=None, repr=False)
     http_max_body_bytes: int = 1024 * 1024
+    # Datasource name -> URL; "main" is the executor's own database unless configured.
+    datasources: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), repr=False)
+    dependency_timeout_ms: int = 30_000
+    dependency_max_rows: int = 10_000
+    datasource_pool_size: int = 4
 
     @property
     def processes(self) -> int:
@@ -95,6 +103,10 @@ _ENV_NAMES = {
     "job_retention_days": "JOB_RETENTION_DAYS",
     "api_token": "ANALYSIS_EXECUTOR_API_TOKEN",
     "http_max_body_bytes": "HTTP_MAX_BODY_BYTES",
+    "datasources_file": "DATASOURCES_FILE",
+    "dependency_timeout_ms": "DEPENDENCY_TIMEOUT_MS",
+    "dependency_max_rows": "DEPENDENCY_MAX_ROWS",
+    "datasource_pool_size": "DATASOURCE_POOL_SIZE",
 }
 
 ENV_VARIABLES: Mapping[str, str] = _ENV_NAMES
@@ -112,6 +124,9 @@ _POSITIVE_INTS = {
     "result_max_bytes": (1024, 1 << 31),
     "job_retention_days": (0, 36500),
     "http_max_body_bytes": (1024, 1 << 30),
+    "dependency_timeout_ms": (1, 86_400_000),
+    "dependency_max_rows": (1, 10_000_000),
+    "datasource_pool_size": (1, 100),
 }
 
 _POSITIVE_FLOATS = ("metrics_refresh_seconds", "job_lease_seconds", "shutdown_grace_seconds")
@@ -151,7 +166,58 @@ def load_settings(overrides: Mapping[str, object], environ: Mapping[str, str] | 
     if log_format not in ("text", "json"):
         raise ConfigError(f"{_ENV_NAMES['log_format']}: unknown log format {log_format!r} (text, json)")
     values["log_format"] = log_format
+    values["datasources"] = load_datasources(
+        str(values["database_url"]), env, str(values.pop("datasources_file", "")) or None
+    )
     return Settings(**values)  # type: ignore[arg-type]
+
+
+_DATASOURCE_ENV = re.compile(r"^DATASOURCE_([A-Z0-9_]+)_URL$")
+_DATASOURCE_NAME = re.compile(r"^[a-z0-9_]+$")
+
+
+def load_datasources(database_url: str, environ: Mapping[str, str], path: str | None) -> Mapping[str, str]:
+    """Datasource name -> URL from ``DATASOURCES_FILE`` and ``DATASOURCE_<NAME>_URL`` (the latter win).
+
+    The file is a JSON object ``{"name": "postgresql://..."}`` (or
+    ``{"name": {"url": "..."}}``), e.g. a mounted Kubernetes Secret. ``main``
+    is ``DATABASE_URL`` unless configured. Names are case-insensitive.
+    Raises ConfigError naming the bad entry (never its password).
+    """
+    found: dict[str, str] = {}
+    if path:
+        found.update(_datasources_file(Path(path)))
+    for env_name, value in environ.items():
+        match = _DATASOURCE_ENV.match(env_name)
+        if match and value.strip():
+            found[match.group(1).lower()] = value.strip()
+    datasources = {"main": database_url}
+    for name, url in found.items():
+        if not _DATASOURCE_NAME.match(name):
+            raise ConfigError(f"datasource {name!r}: names are letters, digits and underscores")
+        try:
+            datasources[name] = validate_database_url(url)
+        except InvalidDatabaseURL as exc:
+            raise ConfigError(f"datasource {name!r}: {exc}") from None
+    return MappingProxyType(datasources)
+
+
+def _datasources_file(path: Path) -> dict[str, str]:
+    try:
+        document = json.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"DATASOURCES_FILE: cannot read {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise ConfigError(f"DATASOURCES_FILE: {path} is not valid JSON ({exc})") from None
+    if not isinstance(document, dict):
+        raise ConfigError(f'DATASOURCES_FILE: {path} must hold a JSON object {{"name": "postgresql://..."}}')
+    entries: dict[str, str] = {}
+    for name, entry in document.items():
+        url = entry.get("url") if isinstance(entry, dict) else entry
+        if not isinstance(url, str):
+            raise ConfigError(f"DATASOURCES_FILE: datasource {name!r} needs a URL string")
+        entries[str(name).lower()] = url
+    return entries
 
 
 def _int_setting(name: str, raw: object, low: int, high: int) -> int:

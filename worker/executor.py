@@ -26,6 +26,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from worker.config import Settings
+from worker.datasources import Datasources, DependencyError, parse_dependencies, rows_to_json_value
 from worker.db import DedicatedConnection
 from worker.lifecycle import ClaimedJob, JobLifecycle
 from worker.listener import Wakeups
@@ -57,6 +58,7 @@ class Executor:
         process_pool: ProcessPool,
         recorder: Recorder,
         whitelist: ScriptWhitelist,
+        datasources: Datasources,
         wakeups: Wakeups,
         lifecycle: JobLifecycle,
         metrics: Metrics,
@@ -66,6 +68,7 @@ class Executor:
         self._pool = process_pool
         self._recorder = recorder
         self._whitelist = whitelist
+        self._datasources = datasources
         self._wakeups = wakeups
         self._lifecycle = lifecycle
         self._metrics = metrics
@@ -214,32 +217,47 @@ class Executor:
     async def _execute(self, job: ClaimedJob) -> dict[str, Any]:
         if not job.is_active:
             return outcome("failed", error_message=f"analysis {job.analysis_id} is inactive (is_active = false)")
-        message = self._job_message(job)
+        script_path = None
         if job.runtime == "python":
             try:
-                message["script_path"] = str(self._whitelist.resolve(job.script_name))
+                script_path = str(self._whitelist.resolve(job.script_name))
             except ScriptNotAllowed as exc:
                 return outcome("failed", error_message=str(exc))
         elif job.runtime != "javascript":
             return outcome("failed", error_message=f"unknown runtime {job.runtime!r}")
+        try:
+            datasets = await self._fetch_datasets(job)
+            message = self._job_message(job, datasets)
+        except DependencyError as exc:
+            return {**outcome("failed", error_message=str(exc)), "retryable": exc.retryable}
+        if script_path is not None:
+            message["script_path"] = script_path
         return await self._pool.run(message)
 
-    def _job_message(self, job: ClaimedJob) -> dict[str, Any]:
+    async def _fetch_datasets(self, job: ClaimedJob) -> dict[str, Any] | None:
+        """Rows of the analysis's declared dependencies, or None when it declares none."""
+        dependencies = parse_dependencies(job.dependencies_json)
+        if not dependencies:
+            return None
+        timeout_ms = job.timeout_ms or self._settings.default_timeout_ms
+        return await self._datasources.fetch(dependencies, json.loads(job.parameters_json), timeout_ms)
+
+    def _job_message(self, job: ClaimedJob, datasets: dict[str, Any] | None) -> dict[str, Any]:
         settings = self._settings
         context = {
             "jobId": job.id,
             "analysisId": job.analysis_id,
             "attempt": job.attempt,
             "analysisVersion": job.analysis_version,
-            "datasets": {},
+            "datasets": datasets or {},
         }
-        return {
+        message = {
             "job_id": job.id,
             "analysis_id": job.analysis_id,
             "runtime": job.runtime,
             "source": job.script_content or "",
             "parameters_json": job.parameters_json,
-            "context_json": json.dumps(context),
+            "context_json": _datasets_json(context),
             "timeout_ms": job.timeout_ms or settings.default_timeout_ms,
             "memory_limit_mb": job.memory_limit_mb or settings.default_memory_limit_mb,
             "stack_limit_kb": settings.js_stack_limit_kb,
@@ -247,6 +265,9 @@ class Executor:
             "result_max_bytes": settings.result_max_bytes,
             "python": settings.python_executable,
         }
+        if datasets is not None and job.runtime == "python":
+            message["stdin_json"] = _datasets_json({**json.loads(job.parameters_json), "datasets": datasets})
+        return message
 
     async def drain(self, grace_seconds: float) -> None:
         """Let running jobs finish within the grace period, then kill the rest and hand them back."""
@@ -284,6 +305,14 @@ class Executor:
     async def close(self) -> None:
         """Close the claim connection."""
         await self._claim_conn.close()
+
+
+def _datasets_json(value: dict[str, Any]) -> str:
+    """JSON for the script, with database types (numeric, timestamps, bytea, ...) converted."""
+    try:
+        return json.dumps(value, default=rows_to_json_value, allow_nan=False)
+    except ValueError as exc:  # NaN or Infinity in a float column: JSON has no such numbers
+        raise DependencyError(f"a dependency returned a value JSON cannot represent ({exc})") from None
 
 
 def _log_unexpected_error(task: asyncio.Task[None]) -> None:

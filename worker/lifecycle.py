@@ -36,6 +36,7 @@ class ClaimedJob:
     timeout_ms: int | None
     memory_limit_mb: int | None
     retry_script_errors: bool
+    dependencies_json: str | None
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> ClaimedJob:

@@ -80,6 +80,19 @@ class Metrics:
         self.listener_connected = Gauge(
             f"{PREFIX}_listener_connected", "1 while the LISTEN connection is up.", registry=r
         )
+        self.dependency_duration = Histogram(
+            f"{PREFIX}_dependency_query_duration_seconds",
+            "Time to run one datasource dependency query and read its rows, by datasource.",
+            ["datasource"],
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.dependency_errors = Counter(
+            f"{PREFIX}_dependency_errors",
+            "Dependency queries that failed (error, timeout, row cap, unreachable), by datasource.",
+            ["datasource"],
+            registry=r,
+        )
         self.up = Gauge(f"{PREFIX}_up", "1 while the worker runs and its database is reachable.", registry=r)
         # Every label value exists from the start, so rate() and alerts see 0, not "no data".
         for status in ("pending", "scheduled", "running"):

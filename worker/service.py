@@ -26,6 +26,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from worker import __version__
 from worker.config import Settings
+from worker.datasources import Datasources
 from worker.db import CONNECT_TIMEOUT_SECONDS, redact_database_url
 from worker.executor import CANCELLED, Executor
 from worker.http import build_app, start_http
@@ -60,6 +61,13 @@ class Worker:
         self.wakeups = Wakeups(self.metrics)
         self.whitelist = ScriptWhitelist(settings.scripts_dir)
         self.listener = JobListener(settings.database_url, self.wakeups, self.metrics)
+        self.datasources = Datasources(
+            settings.datasources,
+            self.metrics,
+            pool_size=settings.datasource_pool_size,
+            statement_timeout_ms=settings.dependency_timeout_ms,
+            max_rows=settings.dependency_max_rows,
+        )
         self.draining = False
         self._started_at = time.monotonic()
         self._serving = False
@@ -88,6 +96,11 @@ class Worker:
             redact_database_url(settings.database_url),
         )
         self.metrics.build_info.info({"version": __version__, "worker_id": settings.worker_id})
+        if len(settings.datasources) > 1:
+            log.info(
+                "Datasources: %s",
+                ", ".join(f"{name}={url}" for name, url in self.datasources.describe().items()),
+            )
         self.metrics.pool_size.set(settings.concurrency)
         self.metrics.pool_processes.set(settings.processes)
 
@@ -128,6 +141,7 @@ class Worker:
                 self._pool,
                 self._recorder,
                 self.whitelist,
+                self.datasources,
                 self.wakeups,
                 self.lifecycle,
                 self.metrics,
@@ -193,6 +207,7 @@ class Worker:
                 await self._executor.close()
             if self._recorder is not None:
                 await self._recorder.close()
+            await self.datasources.close()
             if runner is not None:
                 await runner.cleanup()
             await db_pool.close()

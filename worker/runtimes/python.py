@@ -186,7 +186,8 @@ def _supervise(proc: subprocess.Popen[bytes], job: dict[str, Any], timeout_s: fl
     limit = job["output_max_bytes"]
     streams = {proc.stdout.fileno(): _Stream(limit, bytearray()), proc.stderr.fileno(): _Stream(limit, bytearray())}
     stdout, stderr = streams[proc.stdout.fileno()], streams[proc.stderr.fileno()]
-    pending_input = memoryview(job["parameters_json"].encode("utf-8"))
+    # The parameters, plus "datasets" when the analysis declares dependencies.
+    pending_input = memoryview(job.get("stdin_json", job["parameters_json"]).encode("utf-8"))
     selector = selectors.DefaultSelector()
     selector.register(proc.stdout, selectors.EVENT_READ)
     selector.register(proc.stderr, selectors.EVENT_READ)

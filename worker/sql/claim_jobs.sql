@@ -1,7 +1,8 @@
 -- Claim up to %(limit)s due pending jobs for one worker, in claim order.
 -- The CTE with LIMIT ... SKIP LOCKED (not "id IN (subquery)") guarantees no
 -- more than %(limit)s rows are taken (PostgreSQL bug #15715), and it is served
--- by the partial index analysis_jobs_claim_idx.
+-- by the partial index analysis_jobs_claim_idx. Each job comes back with its
+-- analysis and the analysis's declared dependencies (NULL when it has none).
 WITH due AS (
     SELECT id
     FROM analysis_jobs
@@ -37,4 +38,8 @@ RETURNING
     analysis.script_name,
     analysis.timeout_ms,
     analysis.memory_limit_mb,
-    analysis.retry_script_errors
+    analysis.retry_script_errors,
+    (SELECT json_agg(json_build_object('name', dep.name, 'datasource', dep.datasource, 'query', dep.query)
+                     ORDER BY dep.name)
+     FROM analysis_dependencies AS dep
+     WHERE dep.analysis_id = job.analysis_id)::text AS dependencies_json

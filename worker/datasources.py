@@ -1,0 +1,260 @@
+"""Datasource dependencies: the read-only queries an analysis declares.
+
+An analysis may declare named queries (rows of ``analysis_dependencies``)
+against named datasources. Before its script runs, the worker runs each one
+and hands the rows to the script: ``ctx.datasets.<name>`` in JavaScript, a
+``datasets`` object in the stdin JSON of a Python script.
+
+Each query runs in its own READ ONLY transaction that is always rolled back
+(so even a ``SET`` in it leaves nothing behind on the pooled connection),
+under a statement timeout, and its rows are streamed with a cap, so a query
+that returns millions of rows fails fast instead of filling memory. Job
+parameters are bound as query parameters (``%(name)s``), never formatted
+into the SQL.
+
+Datasources are configured on the worker (``DATASOURCE_<NAME>_URL`` or a
+``DATASOURCES_FILE``), never stored in a table; ``main`` is the executor's
+own database unless configured otherwise. One small connection pool per
+datasource, opened on first use and reused by every job after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime
+import decimal
+import json
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from worker.db import redact_database_url
+from worker.metrics import Metrics
+
+_PLACEHOLDER = re.compile(r"%\((\w+)\)s")
+# How long a job waits for a connection to a datasource (never longer than its own time limit).
+_CONNECTION_WAIT_SECONDS = 10.0
+# Rows fetched per round trip while streaming (libpq >= 17), 1 otherwise.
+_CHUNK_ROWS = 500 if psycopg.capabilities.has_stream_chunked() else 1
+
+
+@dataclass(frozen=True, slots=True)
+class Dependency:
+    """One declared query: rows of ``query`` on ``datasource`` become dataset ``name``."""
+
+    name: str
+    datasource: str
+    query: str
+
+
+class DependencyError(Exception):
+    """A dependency could not be fetched; the message names it and says why.
+
+    ``retryable`` is True when the datasource itself was unreachable (not the
+    query's fault), so the job is worth another attempt.
+    """
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+def parse_dependencies(dependencies_json: str | None) -> list[Dependency]:
+    """The claim statement's JSON array of dependencies, as Dependency objects."""
+    if not dependencies_json:
+        return []
+    return [Dependency(d["name"], d["datasource"], d["query"]) for d in json.loads(dependencies_json)]
+
+
+class Datasources:
+    """The datasources this worker can query, with one lazily opened pool each."""
+
+    def __init__(
+        self,
+        urls: Mapping[str, str],
+        metrics: Metrics,
+        *,
+        pool_size: int,
+        statement_timeout_ms: int,
+        max_rows: int,
+    ) -> None:
+        self._urls = {name.lower(): url for name, url in urls.items()}
+        self._metrics = metrics
+        self._pool_size = pool_size
+        self._statement_timeout_ms = statement_timeout_ms
+        self._max_rows = max_rows
+        self._pools: dict[str, AsyncConnectionPool] = {}
+        self._opening: dict[str, asyncio.Lock] = {}
+        for name in self._urls:
+            metrics.dependency_duration.labels(name)
+            metrics.dependency_errors.labels(name)
+
+    @property
+    def names(self) -> list[str]:
+        """Configured datasource names."""
+        return sorted(self._urls)
+
+    async def fetch(
+        self, dependencies: list[Dependency], parameters: Mapping[str, Any], timeout_ms: int
+    ) -> dict[str, list[dict[str, Any]]]:
+        """Run every dependency (one after another); return rows by dependency name.
+
+        ``timeout_ms`` (the job's time limit) caps each query's statement
+        timeout and the wait for a connection: a job never waits on its data
+        longer than it may run. Raises DependencyError naming the first
+        dependency that failed.
+        """
+        datasets: dict[str, list[dict[str, Any]]] = {}
+        for dependency in dependencies:
+            datasets[dependency.name] = await self._fetch_one(dependency, parameters, timeout_ms)
+        return datasets
+
+    async def _fetch_one(
+        self, dependency: Dependency, parameters: Mapping[str, Any], job_timeout_ms: int
+    ) -> list[dict[str, Any]]:
+        label = f"dependency {dependency.name!r} (datasource {dependency.datasource!r})"
+        bound = _bind(dependency, parameters)
+        pool = await self._pool(dependency)
+        wait_seconds = min(_CONNECTION_WAIT_SECONDS, job_timeout_ms / 1000)
+        timeout_ms = min(job_timeout_ms, self._statement_timeout_ms)
+        started = time.monotonic()
+        try:
+            rows = await self._run(pool, dependency.query, bound, timeout_ms, wait_seconds, label)
+        except DependencyError:
+            self._metrics.dependency_errors.labels(dependency.datasource.lower()).inc()
+            raise
+        self._metrics.dependency_duration.labels(dependency.datasource.lower()).observe(time.monotonic() - started)
+        return rows
+
+    async def _run(
+        self,
+        pool: AsyncConnectionPool,
+        query: str,
+        bound: dict[str, Any],
+        timeout_ms: int,
+        wait_seconds: float,
+        label: str,
+    ) -> list[dict[str, Any]]:
+        try:
+            async with pool.connection(timeout=wait_seconds) as conn:
+                try:
+                    return await _read_only_rows(conn, query, bound, timeout_ms, self._max_rows)
+                except _TooManyRows:
+                    # Stop the server producing rows nobody will read, and do not
+                    # give the pool back a connection that is still draining them.
+                    await conn.cancel_safe()
+                    await conn.close()
+                    raise DependencyError(
+                        f"{label} returned more than {self._max_rows} rows (DEPENDENCY_MAX_ROWS); "
+                        "narrow the query or aggregate in SQL"
+                    ) from None
+        except PoolTimeout:
+            raise DependencyError(
+                f"{label}: no connection to the datasource within {wait_seconds:g} s", retryable=True
+            ) from None
+        except psycopg.errors.QueryCanceled:
+            raise DependencyError(f"{label} exceeded its {timeout_ms} ms statement timeout") from None
+        except psycopg.OperationalError as exc:
+            if exc.sqlstate is None or exc.sqlstate.startswith(("08", "57P")):
+                raise DependencyError(f"{label}: datasource unreachable: {_first_line(exc)}", retryable=True) from None
+            raise DependencyError(f"{label} failed: {_first_line(exc)}") from None
+        except psycopg.Error as exc:
+            raise DependencyError(f"{label} failed: {_first_line(exc)}") from None
+
+    async def _pool(self, dependency: Dependency) -> AsyncConnectionPool:
+        name = dependency.datasource.lower()
+        pool = self._pools.get(name)
+        if pool is not None:
+            return pool
+        url = self._urls.get(name)
+        if url is None:
+            raise DependencyError(
+                f"dependency {dependency.name!r} uses datasource {dependency.datasource!r}, which this worker "
+                f"does not have (configure DATASOURCE_{name.upper()}_URL or DATASOURCES_FILE; "
+                f"configured: {', '.join(self.names)})"
+            )
+        async with self._opening.setdefault(name, asyncio.Lock()):
+            if name not in self._pools:
+                pool = AsyncConnectionPool(
+                    url,
+                    min_size=0,
+                    max_size=self._pool_size,
+                    name=f"datasource-{name}",
+                    kwargs={"application_name": f"analysis-executor datasource {name}", "autocommit": False},
+                    open=False,
+                )
+                await pool.open(wait=False)
+                self._pools[name] = pool
+        return self._pools[name]
+
+    async def close(self) -> None:
+        """Close every datasource pool."""
+        for pool in self._pools.values():
+            await pool.close()
+        self._pools.clear()
+
+    def describe(self) -> dict[str, str]:
+        """Datasource name -> URL without its password, for logs and ``status``."""
+        return {name: redact_database_url(url) for name, url in sorted(self._urls.items())}
+
+
+class _TooManyRows(Exception):
+    pass
+
+
+async def _read_only_rows(
+    conn: psycopg.AsyncConnection, query: str, bound: dict[str, Any], timeout_ms: int, max_rows: int
+) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    async with conn.transaction(force_rollback=True):
+        await conn.execute("SET TRANSACTION READ ONLY")
+        await conn.execute("SELECT set_config('statement_timeout', %s, true)", (str(timeout_ms),))
+        cur = conn.cursor()
+        columns: list[str] | None = None
+        async for row in cur.stream(query, bound, size=_CHUNK_ROWS):
+            if columns is None:
+                columns = [column.name for column in cur.description or ()]
+            if len(rows) >= max_rows:
+                raise _TooManyRows
+            rows.append(dict(zip(columns, row, strict=True)))
+    return rows
+
+
+def _bind(dependency: Dependency, parameters: Mapping[str, Any]) -> dict[str, Any]:
+    """The job parameters the query names, adapted for psycopg; DependencyError if one is missing."""
+    bound: dict[str, Any] = {}
+    for name in _PLACEHOLDER.findall(dependency.query):
+        if name not in parameters:
+            raise DependencyError(
+                f"dependency {dependency.name!r}: the query uses %({name})s but the job has no parameter {name!r}"
+            )
+        value = parameters[name]
+        bound[name] = Jsonb(value) if isinstance(value, dict) else value
+    return bound
+
+
+def rows_to_json_value(value: Any) -> Any:
+    """``json.dumps`` default for database values JSON has no type for."""
+    if isinstance(value, decimal.Decimal):
+        if not value.is_finite():
+            return str(value)
+        return int(value) if value == value.to_integral_value() else float(value)
+    if isinstance(value, datetime.datetime | datetime.date | datetime.time):
+        return value.isoformat()
+    if isinstance(value, datetime.timedelta):
+        return value.total_seconds()
+    if isinstance(value, bytes | memoryview):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    return str(value)  # uuid, inet, range, ...
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
