@@ -14,6 +14,7 @@ import psycopg
 import pytest
 
 from tests.conftest import WorkerProcess, create_analysis, free_port, wait_for_jobs
+from worker.migrate import shipped_migration_ids
 
 
 def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -133,6 +134,15 @@ def test_run_on_an_unmigrated_database_exits_1(empty_database_url: str) -> None:
     result = cli("run", "--database-url", empty_database_url, "--port", str(free_port()))
     assert result.returncode == 1
     assert "analysis-executor migrate" in result.stderr
+
+
+def test_run_on_a_database_missing_the_latest_migration_exits_1_naming_it(database_url: str) -> None:
+    latest = shipped_migration_ids()[-1]
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("DELETE FROM _yoyo_migration WHERE migration_id = %s", (latest,))
+    result = cli("run", "--database-url", database_url, "--port", str(free_port()))
+    assert result.returncode == 1
+    assert f"not applied: {latest}" in result.stderr
 
 
 def test_run_with_the_seed_flags(

@@ -161,14 +161,49 @@ def _drain(conn: psycopg.Connection, timeout: float = 0.5) -> list[psycopg.Notif
     return list(conn.notifies(timeout=timeout))
 
 
-def test_insert_notifies_a_listener(db: psycopg.Connection, database_url: str, analysis_id: str) -> None:
+def _worker(db: psycopg.Connection, worker_id: str = "w1", *, waiting: bool = True) -> None:
+    """A registered worker, idle and waiting for work unless told otherwise."""
+    db.execute(
+        "INSERT INTO analysis_workers (id, host, pid, version, concurrency, waiting)"
+        " VALUES (%s, 'h', 1, 'test', 5, %s)",
+        (worker_id, waiting),
+    )
+
+
+def _waiting(db: psycopg.Connection) -> list[str]:
+    return [row[0] for row in db.execute("SELECT id FROM analysis_workers WHERE waiting ORDER BY id")]
+
+
+SUBMITTERS_SETTLED = QUERIES["submitters_settled"]
+
+
+def test_insert_notifies_once_and_clears_every_waiting_flag(
+    db: psycopg.Connection, database_url: str, analysis_id: str
+) -> None:
+    _worker(db, "w1")
+    _worker(db, "w2")
+    _worker(db, "busy", waiting=False)
     with _listener(database_url) as listener:
         db.execute(SEED_SUBMIT_JOB, (analysis_id,))
         received = _drain(listener)
-    assert [n.channel for n in received] == [JOBS_PENDING_CHANNEL]
+        assert [n.channel for n in received] == [JOBS_PENDING_CHANNEL]
+        assert _waiting(db) == []
+        db.execute(SEED_SUBMIT_JOB, (analysis_id,))  # nobody is waiting now: no NOTIFY, no commit lock
+        assert _drain(listener) == []
+
+
+def test_insert_with_no_waiting_worker_sends_no_notification(
+    db: psycopg.Connection, database_url: str, analysis_id: str
+) -> None:
+    _worker(db, waiting=False)
+    with _listener(database_url) as listener:
+        for _ in range(5):
+            db.execute(SEED_SUBMIT_JOB, (analysis_id,))
+        assert _drain(listener) == []
 
 
 def test_bulk_insert_sends_a_single_notification(db: psycopg.Connection, database_url: str, analysis_id: str) -> None:
+    _worker(db)
     with _listener(database_url) as listener:
         db.execute(
             "INSERT INTO analysis_jobs (analysis_id, parameters)"
@@ -183,6 +218,7 @@ def test_bulk_insert_sends_a_single_notification(db: psycopg.Connection, databas
 def test_many_inserts_in_one_transaction_send_a_single_notification(
     db: psycopg.Connection, database_url: str, analysis_id: str
 ) -> None:
+    _worker(db)
     with _listener(database_url) as listener:
         with db.transaction():
             for _ in range(20):
@@ -194,10 +230,47 @@ def test_many_inserts_in_one_transaction_send_a_single_notification(
 def test_inserting_finished_jobs_sends_no_notification(
     db: psycopg.Connection, database_url: str, analysis_id: str
 ) -> None:
+    _worker(db)
     with _listener(database_url) as listener:
         db.execute("INSERT INTO analysis_jobs (analysis_id, status) VALUES (%s, 'completed')", (analysis_id,))
         received = _drain(listener)
     assert received == []
+    assert _waiting(db) == ["w1"]
+
+
+def test_the_check_runs_at_commit_so_a_long_transaction_sees_a_worker_that_went_idle_meanwhile(
+    db: psycopg.Connection, database_url: str, analysis_id: str
+) -> None:
+    _worker(db, waiting=False)
+    with _listener(database_url) as listener, psycopg.connect(database_url) as submitter:
+        submitter.execute(SEED_SUBMIT_JOB, (analysis_id,))  # transaction still open
+        db.execute("UPDATE analysis_workers SET waiting = true")
+        submitter.commit()
+        assert len(_drain(listener)) == 1
+
+
+def test_submitter_holds_the_settle_lock_from_its_check_to_its_commit(
+    db: psycopg.Connection, database_url: str, analysis_id: str
+) -> None:
+    with psycopg.connect(database_url) as submitter:
+        submitter.execute(SEED_SUBMIT_JOB, (analysis_id,))
+        assert db.execute(SUBMITTERS_SETTLED).fetchone() == (True,)  # not checked yet: nothing to wait for
+        submitter.execute("SET CONSTRAINTS ALL IMMEDIATE")  # run the commit-time check now
+        assert db.execute(SUBMITTERS_SETTLED).fetchone() == (False,)
+        submitter.commit()
+    assert db.execute(SUBMITTERS_SETTLED).fetchone() == (True,)
+
+
+@pytest.mark.parametrize("isolation", ["REPEATABLE READ", "SERIALIZABLE"])
+def test_insert_above_read_committed_always_notifies(
+    db: psycopg.Connection, database_url: str, analysis_id: str, isolation: str
+) -> None:
+    _worker(db, waiting=False)
+    with _listener(database_url) as listener, psycopg.connect(database_url) as submitter:
+        submitter.execute(f"SET TRANSACTION ISOLATION LEVEL {isolation}")
+        submitter.execute(SEED_SUBMIT_JOB, (analysis_id,))
+        submitter.commit()
+        assert len(_drain(listener)) == 1
 
 
 def _claim_plan(db: psycopg.Connection) -> str:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import subprocess
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -71,6 +74,38 @@ def test_notification_wakes_an_idle_worker_long_before_its_poll(
     analysis = create_analysis(db, script=SEED_SCRIPT)
     job_id = submit(db, analysis)
     assert wait_for_jobs(db, [job_id], timeout=20)[job_id]["status"] == "completed"
+
+
+def test_no_job_waits_for_the_poll_while_submitters_race_a_worker_going_idle(
+    db: psycopg.Connection, database_url: str, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    """Submitters notify only a waiting worker; whatever the interleaving, none is left for the poll."""
+    start_worker("--poll-interval-ms", "600000", "--concurrency", "4")
+    analysis = create_analysis(db, script=SEED_SCRIPT)
+    committed: list[tuple[str, float]] = []
+    lock = threading.Lock()
+
+    def submitter(seed: int) -> None:
+        chance = random.Random(seed)
+        with psycopg.connect(database_url) as conn:
+            for _ in range(60):
+                row = conn.execute("INSERT INTO analysis_jobs (analysis_id) VALUES (%s) RETURNING id", (analysis,))
+                job_id = str(row.fetchone()[0])  # type: ignore[index]
+                time.sleep(chance.choice([0, 0, 0.001, 0.02]))  # some transactions stay open a while
+                conn.commit()
+                with lock:
+                    committed.append((job_id, time.time()))
+                time.sleep(chance.choice([0, 0.002, 0.01, 0.05]))  # bursts and idle gaps
+
+    threads = [threading.Thread(target=submitter, args=(seed,)) for seed in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    rows = wait_for_jobs(db, [job_id for job_id, _ in committed], timeout=30)
+    assert {row["status"] for row in rows.values()} == {"completed"}
+    slowest = max(rows[job_id]["started_at"].timestamp() - at for job_id, at in committed)
+    assert slowest < 5, f"a job waited {slowest:.1f}s after its commit"
 
 
 def test_poll_path_finds_jobs_without_a_listener(

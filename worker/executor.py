@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 
 _CLAIM_RETRY_SECONDS = 1.0
 _RECORD_AT_SHUTDOWN_SECONDS = 10.0
+# Retry delays while submitters finish committing (see _announce_waiting).
+_SETTLE_FIRST_DELAY_SECONDS = 0.0005
+_SETTLE_MAX_DELAY_SECONDS = 0.02
 
 # Why a job's execution was interrupted.
 CANCELLED = "cancelled"  # a user cancelled it: the row is already 'cancelled'
@@ -121,6 +124,15 @@ class Executor:
             jobs = await self._claim(free)
             self._start(jobs)
             self._backlog = len(jobs) == free
+            if not self._backlog and self._wakeups.announce_idle and self._settings.listen:
+                # Out of work: ask submitters to notify us, then look once more
+                # for jobs committed by those that checked before they could see it.
+                self._wakeups.announce_idle = False
+                await self._announce_waiting()
+                more = await self._claim(free - len(jobs))
+                self._start(more)
+                jobs += more
+                self._backlog = len(jobs) == free
             if not self._backlog:
                 await self._set_timer_for_next_due_job()
         except psycopg.Error as exc:
@@ -140,6 +152,31 @@ class Executor:
                 QUERIES["claim_jobs"], {"limit": limit, "worker_id": self._settings.worker_id}, prepare=True
             )
             return [ClaimedJob.from_row(row) for row in await cur.fetchall()]
+
+    async def _announce_waiting(self) -> None:
+        """Set this worker's waiting flag; return once no submitter can have missed it.
+
+        Submitters hold an advisory lock shared from their idle-worker check
+        to their commit (migration 0006); once it can be taken exclusively,
+        every submitter that checked before the flag was visible has
+        committed, so the claim that follows sees its jobs. The lock is only
+        tried, never waited for, so a worker never stalls submitters; if it
+        stays busy, another wake-up (or the poll) announces again.
+        """
+        conn = await self._claim_conn.get()
+        await conn.execute(QUERIES["announce_waiting"], {"worker_id": self._settings.worker_id}, prepare=True)
+        delay = _SETTLE_FIRST_DELAY_SECONDS
+        give_up = time.monotonic() + self._settings.poll_interval_ms / 1000
+        while True:
+            cur = await conn.execute(QUERIES["submitters_settled"], prepare=True)
+            row = await cur.fetchone()
+            if row is not None and row[0]:
+                return
+            if self._wakeups.pending or time.monotonic() + delay > give_up:
+                self._wakeups.announce_idle = True  # not settled yet: the next short claim tries again
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _SETTLE_MAX_DELAY_SECONDS)
 
     def _start(self, jobs: list[ClaimedJob]) -> None:
         self._lifecycle.claimed(jobs)

@@ -31,17 +31,31 @@ _MAX_BACKOFF_SECONDS = 5.0
 
 
 class Wakeups:
-    """A level-triggered "claim now" signal with counted sources."""
+    """A level-triggered "claim now" signal with counted sources.
+
+    ``announce_idle`` tells the executor that, should its next claim leave it
+    with free slots, it must (re)announce itself as waiting: after a
+    notification (the submitter that sent it cleared the flag), a (re)connect
+    (a notification may have been missed) or a poll (belt and braces).
+    """
 
     def __init__(self, metrics: Metrics) -> None:
         self._event = asyncio.Event()
         self._metrics = metrics
         self._timer: asyncio.TimerHandle | None = None
         self._timer_due: float | None = None
+        self.announce_idle = True
+
+    @property
+    def pending(self) -> bool:
+        """A wake-up arrived that the executor has not acted on yet."""
+        return self._event.is_set()
 
     def wake(self, source: str) -> None:
         """Ask the executor to claim (source: notify, poll, timer, startup, slot)."""
         self._metrics.wakeups.labels(source).inc()
+        if source in ("notify", "startup", "poll"):
+            self.announce_idle = True
         self._event.set()
 
     async def wait(self) -> None:

@@ -35,6 +35,15 @@ def migrations_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "migrations"
 
 
+def shipped_migration_ids() -> list[str]:
+    """Ids of the migrations this version ships, in order (file names without ``.sql``)."""
+    return sorted(
+        path.name.removesuffix(".sql")
+        for path in migrations_dir().glob("*.sql")
+        if not path.name.endswith(".rollback.sql")
+    )
+
+
 def apply_migrations(database_url: str) -> list[str]:
     """Apply every pending migration; return the ids applied (empty when up to date).
 

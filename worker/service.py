@@ -37,6 +37,7 @@ from worker.maintenance.heartbeat import Heartbeat
 from worker.maintenance.pruner import Pruner
 from worker.maintenance.rescuer import Rescuer
 from worker.metrics import Metrics
+from worker.migrate import shipped_migration_ids
 from worker.pool import ProcessPool
 from worker.queries import QUERIES
 from worker.recorder import Recorder
@@ -234,11 +235,18 @@ class Worker:
         await conn.close()
 
     async def _check_schema(self, db_pool: AsyncConnectionPool) -> None:
+        """Refuse to start unless every migration this version ships has been applied."""
         async with db_pool.connection() as conn:
-            row = await (await conn.execute("SELECT to_regclass('analysis_workers') IS NOT NULL")).fetchone()
-        if not row or not row[0]:
+            row = await (await conn.execute("SELECT to_regclass('_yoyo_migration') IS NOT NULL")).fetchone()
+            applied: set[str] = set()
+            if row and row[0]:
+                cur = await conn.execute("SELECT migration_id FROM _yoyo_migration")
+                applied = {migration_id for (migration_id,) in await cur.fetchall()}
+        missing = [m for m in shipped_migration_ids() if m not in applied]
+        if missing:
             raise WorkerStartupError(
                 "the database schema is missing or out of date: run `analysis-executor migrate` first"
+                f" (not applied: {', '.join(missing)})"
             )
 
     async def _refresh_queue_stats(self, db_pool: AsyncConnectionPool) -> None:
