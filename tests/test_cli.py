@@ -1,4 +1,4 @@
-"""The command line against a real database: submit, status, jobs, show, scripts, run's errors."""
+"""The command line against a real database: submit, status, jobs, show, scripts, schedules, run's errors."""
 
 from __future__ import annotations
 
@@ -157,3 +157,69 @@ def test_run_with_the_seed_flags(
     assert row is not None
     assert wait_for_jobs(db, [str(row[0])])[str(row[0])]["result"] == "ok"
     assert worker.stop() == 0
+
+
+def test_schedules_add_list_pause_resume_remove(db: psycopg.Connection, database_url: str) -> None:
+    analysis = create_analysis(db, script="export default function analyze() { return 1; }")
+    env = {"DATABASE_URL": database_url}
+    added = cli(
+        "schedules", "add", analysis, "30 2 * * MON-FRI", "--timezone", "Europe/Berlin",
+        "--parameters", '{"region": "eu"}', "--catch-up", "all", env=env,
+    )  # fmt: skip
+    assert added.returncode == 0, added.stderr
+    schedule = added.stdout.strip()
+    row = db.execute(
+        "SELECT cron_expression, timezone, parameters, catch_up, is_active FROM analysis_schedules WHERE id = %s",
+        (schedule,),
+    ).fetchone()
+    assert row == ("30 2 * * MON-FRI", "Europe/Berlin", {"region": "eu"}, "all", True)
+    db.execute("UPDATE analysis_schedules SET last_error = 'analysis is inactive' WHERE id = %s", (schedule,))
+
+    listed = cli("schedules", "list", env=env)
+    assert listed.returncode == 0, listed.stderr
+    header, line = listed.stdout.splitlines()
+    assert header.split()[:4] == ["id", "analysis", "cron", "timezone"]
+    assert line.startswith(schedule) and "30 2 * * MON-FRI" in line and "Europe/Berlin" in line
+    assert line.endswith("analysis is inactive")
+
+    assert cli("schedules", "pause", schedule, env=env).stdout.strip() == f"schedule {schedule} paused"
+    assert db.execute("SELECT is_active FROM analysis_schedules WHERE id = %s", (schedule,)).fetchone() == (False,)
+    assert "  no  " in cli("schedules", "list", env=env).stdout
+    assert cli("schedules", "resume", schedule, env=env).stdout.strip() == f"schedule {schedule} resumed"
+    assert db.execute("SELECT is_active FROM analysis_schedules WHERE id = %s", (schedule,)).fetchone() == (True,)
+    removed = cli("schedules", "remove", schedule, "--database-url", database_url)
+    assert removed.returncode == 0 and removed.stdout.strip() == f"schedule {schedule} removed"
+    assert db.execute("SELECT count(*) FROM analysis_schedules").fetchone() == (0,)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["61 * * * *"], 'invalid cron expression "61 * * * *": minute 61 is out of range 0-59'),
+        (["@daily", "--timezone", "Mars/Base"], 'unknown time zone "Mars/Base": use an IANA name such as'),
+        (["@daily", "--parameters", "[1]"], "must be a JSON object"),
+        (["@daily", "--catch-up", "never"], "invalid choice: 'never'"),
+    ],
+)
+def test_schedules_add_with_bad_input_exits_2_with_one_line(
+    db: psycopg.Connection, database_url: str, args: list[str], message: str
+) -> None:
+    analysis = create_analysis(db, script="export default function analyze() { return 1; }")
+    result = cli("schedules", "add", analysis, *args, "--database-url", database_url)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert message in result.stderr and result.stderr.strip().count("\n") == 0
+    assert db.execute("SELECT count(*) FROM analysis_schedules").fetchone() == (0,)
+
+
+@pytest.mark.parametrize("action", ["pause", "resume", "remove"])
+@pytest.mark.parametrize("schedule_id", ["00000000-0000-0000-0000-000000000000", "not-a-uuid"])
+def test_schedules_change_of_an_unknown_schedule_exits_2(database_url: str, action: str, schedule_id: str) -> None:
+    result = cli("schedules", action, schedule_id, "--database-url", database_url)
+    assert result.returncode == 2
+    assert "does not exist" in result.stderr or "is not a schedule id" in result.stderr
+
+
+def test_schedules_add_for_an_unknown_analysis_exits_2(database_url: str) -> None:
+    result = cli("schedules", "add", "00000000-0000-0000-0000-000000000000", "@daily", "--database-url", database_url)
+    assert result.returncode == 2
+    assert "analysis 00000000-0000-0000-0000-000000000000 does not exist" in result.stderr

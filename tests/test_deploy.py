@@ -173,10 +173,13 @@ def test_dashboard_has_the_panels_and_variables_operators_need() -> None:
         "Wake-ups by source",
         "Database errors by operation",
         "Live workers",
+        "Schedule lag percentiles",
+        "Scheduled jobs enqueued",
+        "Schedule skips by reason",
     ):
         assert wanted in titles
     quantiles = [t["expr"] for p in board["panels"] for t in p.get("targets", []) if "histogram_quantile" in t["expr"]]
-    assert len(quantiles) == 6
+    assert len(quantiles) == 9
 
 
 def _expressions() -> Iterator[str]:

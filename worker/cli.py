@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the process exit code."""
     from worker.embedded import EmbeddedPostgresError
     from worker.jobs import InvalidJobRequest, JobAlreadyFinished, JobNotFound
+    from worker.schedules import InvalidSchedule, ScheduleNotFound
     from worker.service import WorkerStartupError
 
     args = _build_parser().parse_args(argv)
@@ -59,7 +61,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     command: Callable[[argparse.Namespace], int] = args.command
     try:
         return command(args)
-    except (UsageError, InvalidDatabaseURL, ConfigError, InvalidJobRequest, JobNotFound, JobAlreadyFinished) as exc:
+    except (
+        UsageError,
+        InvalidDatabaseURL,
+        ConfigError,
+        InvalidJobRequest,
+        JobNotFound,
+        JobAlreadyFinished,
+        InvalidSchedule,
+        ScheduleNotFound,
+    ) as exc:
         print(f"analysis-executor: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except (DatabaseUnavailable, WorkerStartupError, EmbeddedPostgresError, TimeoutError) as exc:
@@ -145,7 +156,49 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     _add_log_level(scripts)
     scripts.set_defaults(command=_scripts)
+
+    _add_schedules_commands(commands)
     return parser
+
+
+def _add_schedules_commands(commands: argparse._SubParsersAction) -> None:
+    schedules = commands.add_parser("schedules", help="cron schedules: list, add, pause, resume, remove")
+    actions = schedules.add_subparsers(title="actions", required=True, metavar="ACTION", parser_class=_Parser)
+
+    listing = actions.add_parser("list", help="every schedule, its next and last run and last error")
+    listing.set_defaults(command=_schedules_list)
+
+    add = actions.add_parser("add", help="schedule an analysis; prints the new schedule's id")
+    add.add_argument("analysis_id", help="id of the analysis to run")
+    add.add_argument(
+        "cron",
+        help='5 fields ("0 6 * * MON-FRI"), 6 with seconds first ("*/10 * * * * *"), or @hourly, @daily, ...',
+    )
+    add.add_argument("--timezone", default="UTC", help="IANA time zone of the expression (default %(default)s)")
+    add.add_argument("--parameters", "--params", default="{}", help="job parameters as a JSON object (default {})")
+    add.add_argument(
+        "--catch-up",
+        choices=["once", "all"],
+        default="once",
+        help="after downtime: one job for the missed window (once, default) or one per missed tick (all)",
+    )
+    add.set_defaults(command=_schedules_add)
+
+    for name, help_text, active in (
+        ("pause", "stop enqueueing jobs for a schedule", False),
+        ("resume", "enqueue again, from the next tick on", True),
+    ):
+        action = actions.add_parser(name, help=help_text)
+        action.add_argument("schedule_id")
+        action.set_defaults(command=_schedules_set_active, active=active, done=f"{name}d")
+
+    remove = actions.add_parser("remove", help="delete a schedule (its jobs stay)")
+    remove.add_argument("schedule_id")
+    remove.set_defaults(command=_schedules_remove)
+
+    for action in (listing, add, remove, *(actions.choices[name] for name in ("pause", "resume"))):
+        _add_database_url(action)
+        _add_log_level(action)
 
 
 def _add_database_url(parser: argparse.ArgumentParser) -> None:
@@ -391,4 +444,74 @@ def _scripts(args: argparse.Namespace) -> int:
         raise UsageError(f"scripts folder {whitelist.folder} does not exist (set ANALYTICS_SCRIPTS_DIR)")
     for name in whitelist.names():
         print(name)
+    return EXIT_OK
+
+
+def _schedules_list(args: argparse.Namespace) -> int:
+    from worker.schedules import list_schedules
+
+    async def fetch() -> list[dict[str, Any]]:
+        async with await _connect(args) as conn:
+            return await list_schedules(conn)
+
+    print(
+        f"{'id':<36}  {'analysis':<20}  {'cron':<16}  {'timezone':<16}  {'catch-up':<8}  {'active':<6}  "
+        f"{'next run (UTC)':<19}  {'last run (UTC)':<19}  {'last job':<36}  last error"
+    )
+    for row in asyncio.run(fetch()):
+        next_run = _utc(row["next_run_at"]) if row["next_run_at"] or not row["is_active"] else "(computing)"
+        print(
+            f"{row['id']!s:<36}  {row['analysis'][:20]:<20}  {row['cron_expression']:<16}  {row['timezone']:<16}  "
+            f"{row['catch_up']:<8}  {'yes' if row['is_active'] else 'no':<6}  {next_run:<19}  "
+            f"{_utc(row['last_run_at']):<19}  {row['last_job_id'] or '-'!s:<36}  {row['last_error'] or ''}"
+        )
+    return EXIT_OK
+
+
+def _utc(moment: datetime | None) -> str:
+    return "-" if moment is None else moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _schedules_add(args: argparse.Namespace) -> int:
+    from worker.jobs import parse_parameters
+    from worker.schedules import add_schedule
+
+    parameters = parse_parameters(args.parameters)
+
+    async def add() -> str:
+        async with await _connect(args) as conn:
+            return await add_schedule(
+                conn,
+                args.analysis_id,
+                args.cron,
+                timezone=args.timezone,
+                parameters=parameters,
+                catch_up=args.catch_up,
+            )
+
+    print(asyncio.run(add()))
+    return EXIT_OK
+
+
+def _schedules_set_active(args: argparse.Namespace) -> int:
+    from worker.schedules import set_schedule_active
+
+    async def change() -> None:
+        async with await _connect(args) as conn:
+            await set_schedule_active(conn, args.schedule_id, args.active)
+
+    asyncio.run(change())
+    print(f"schedule {args.schedule_id} {args.done}")
+    return EXIT_OK
+
+
+def _schedules_remove(args: argparse.Namespace) -> int:
+    from worker.schedules import remove_schedule
+
+    async def remove() -> None:
+        async with await _connect(args) as conn:
+            await remove_schedule(conn, args.schedule_id)
+
+    asyncio.run(remove())
+    print(f"schedule {args.schedule_id} removed")
     return EXIT_OK

@@ -51,6 +51,8 @@ class Settings:
     job_lease_seconds: float = 30.0
     shutdown_grace_seconds: float = 25.0
     job_retention_days: int = 30
+    scheduler_interval_seconds: float = 1.0
+    scheduler_misfire_grace_seconds: float = 60.0
     api_token: str | None = field(default=None, repr=False)
     http_max_body_bytes: int = 1024 * 1024
     # Datasource name -> URL; "main" is the executor's own database unless configured.
@@ -101,6 +103,8 @@ _ENV_NAMES = {
     "job_lease_seconds": "JOB_LEASE_SECONDS",
     "shutdown_grace_seconds": "SHUTDOWN_GRACE_SECONDS",
     "job_retention_days": "JOB_RETENTION_DAYS",
+    "scheduler_interval_seconds": "SCHEDULER_INTERVAL_SECONDS",
+    "scheduler_misfire_grace_seconds": "SCHEDULER_MISFIRE_GRACE_SECONDS",
     "api_token": "ANALYSIS_EXECUTOR_API_TOKEN",
     "http_max_body_bytes": "HTTP_MAX_BODY_BYTES",
     "datasources_file": "DATASOURCES_FILE",
@@ -129,7 +133,13 @@ _POSITIVE_INTS = {
     "datasource_pool_size": (1, 100),
 }
 
-_POSITIVE_FLOATS = ("metrics_refresh_seconds", "job_lease_seconds", "shutdown_grace_seconds")
+_POSITIVE_FLOATS = (
+    "metrics_refresh_seconds",
+    "job_lease_seconds",
+    "shutdown_grace_seconds",
+    "scheduler_interval_seconds",
+    "scheduler_misfire_grace_seconds",
+)
 
 
 def load_settings(overrides: Mapping[str, object], environ: Mapping[str, str] | None = None) -> Settings:

@@ -1,6 +1,6 @@
 """Logging: one line per event, text for people or JSON for collectors.
 
-Context travels as ``extra={"job_id": ..., "analysis_id": ...}``; the worker id
+Context travels as ``extra={"job_id": ..., "analysis_id": ..., "schedule_id": ...}``; the worker id
 is attached to every record. Neither format ever prints a DSN password: URLs
 are redacted by ``worker.db.redact_database_url`` before they are logged.
 """
@@ -12,7 +12,7 @@ import logging
 import sys
 from datetime import UTC, datetime
 
-CONTEXT_FIELDS = ("job_id", "analysis_id", "worker_id", "status", "runtime", "attempt", "duration_ms")
+CONTEXT_FIELDS = ("job_id", "analysis_id", "schedule_id", "worker_id", "status", "runtime", "attempt", "duration_ms")
 
 
 class JsonFormatter(logging.Formatter):

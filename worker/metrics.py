@@ -15,6 +15,7 @@ PREFIX = "analysis_executor"
 disable_created_metrics()
 
 _DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+_LAG_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600, 21600, 86400)
 _WAIT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900)
 
 
@@ -93,13 +94,31 @@ class Metrics:
             ["datasource"],
             registry=r,
         )
+        self.schedule_lag = Histogram(
+            f"{PREFIX}_schedule_lag_seconds",
+            "How late scheduled jobs were enqueued: the pass's now - the tick (scheduled_for).",
+            buckets=_LAG_BUCKETS,
+            registry=r,
+        )
+        self.scheduled_jobs = Counter(
+            f"{PREFIX}_scheduled_jobs_enqueued", "Jobs this worker enqueued for schedule ticks.", registry=r
+        )
+        self.schedule_skips = Counter(
+            f"{PREFIX}_schedule_skips",
+            "Due schedules advanced with fewer jobs than ticks, by reason "
+            "(missed_window: one job for a missed window; analysis_inactive; invalid_schedule: paused).",
+            ["reason"],
+            registry=r,
+        )
         self.up = Gauge(f"{PREFIX}_up", "1 while the worker runs and its database is reachable.", registry=r)
         # Every label value exists from the start, so rate() and alerts see 0, not "no data".
         for status in ("pending", "scheduled", "running"):
             self.queue_depth.labels(status)
         for source in ("notify", "poll", "timer", "startup", "slot"):
             self.wakeups.labels(source)
-        for operation in ("claim", "record", "listen", "queue_stats", "heartbeat", "rescuer", "pruner"):
+        for operation in ("claim", "record", "listen", "queue_stats", "heartbeat", "rescuer", "pruner", "scheduler"):
             self.database_errors.labels(operation)
         for reason in ("timeout", "crash", "cancelled"):
             self.pool_restarts.labels(reason)
+        for reason in ("missed_window", "analysis_inactive", "invalid_schedule"):
+            self.schedule_skips.labels(reason)

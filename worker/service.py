@@ -36,6 +36,7 @@ from worker.maintenance import run_periodically
 from worker.maintenance.heartbeat import Heartbeat
 from worker.maintenance.pruner import Pruner
 from worker.maintenance.rescuer import Rescuer
+from worker.maintenance.scheduler import Scheduler
 from worker.metrics import Metrics
 from worker.migrate import shipped_migration_ids
 from worker.pool import ProcessPool
@@ -162,6 +163,7 @@ class Worker:
             await heartbeat.register()
             rescuer = Rescuer(settings, db_pool, self.wakeups)
             pruner = Pruner(settings, db_pool)
+            scheduler = Scheduler(settings, db_pool, self.metrics)
 
             tasks.append(asyncio.create_task(self._recorder.run(), name="recorder"))
             if settings.listen:
@@ -174,6 +176,7 @@ class Worker:
                 ("heartbeat", heartbeat.interval_seconds, heartbeat.beat),
                 ("rescuer", rescuer.interval_seconds, rescuer.rescue_orphaned_jobs),
                 ("pruner", pruner.interval_seconds, pruner.prune_finished_jobs),
+                ("scheduler", scheduler.interval_seconds, scheduler.enqueue_due_jobs),
             ):
                 tasks.append(asyncio.create_task(run_periodically(name, interval, duty, self.metrics), name=name))
             executor_task = asyncio.create_task(executor.run(), name="executor")

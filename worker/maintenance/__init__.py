@@ -1,4 +1,4 @@
-"""Background duties, one module each: heartbeat, rescuer, pruner.
+"""Background duties, one module each: heartbeat, rescuer, pruner, scheduler.
 
 Every duty is a coroutine run on an interval by ``run_periodically``; an
 exception in one pass is logged and counted, and the next pass runs as

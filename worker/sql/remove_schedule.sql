@@ -1,0 +1,1 @@
+DELETE FROM analysis_schedules WHERE id = %(id)s RETURNING id
