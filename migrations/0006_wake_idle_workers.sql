@@ -43,8 +43,9 @@ BEGIN
     END IF;
     -- Held until this transaction commits; see worker/sql/wait_for_submitters.sql.
     PERFORM pg_advisory_xact_lock_shared(7310598114230005006);
-    UPDATE analysis_workers SET waiting = false WHERE waiting;
-    IF FOUND THEN
+    -- Reading first keeps the common case (nobody waiting) free of row locks.
+    IF EXISTS (SELECT 1 FROM analysis_workers WHERE waiting) THEN
+        UPDATE analysis_workers SET waiting = false WHERE waiting;
         PERFORM pg_notify('analysis_jobs_pending', '');
     END IF;
     RETURN NULL;

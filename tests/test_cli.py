@@ -64,6 +64,7 @@ def test_submit_without_wait_prints_the_job_id_and_show_prints_the_row(
         (["--params", "[1, 2]"], "must be a JSON object"),
         (["--run-at", "tomorrow"], "not an ISO 8601 timestamp"),
         (["--max-attempts", "0"], "at least 1"),
+        (["--priority", "99999999999"], "integer out of range"),
     ],
 )
 def test_submit_bad_input_exits_2_with_one_line(

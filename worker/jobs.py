@@ -132,7 +132,7 @@ async def submit_job(
         raise JobNotFound(f"analysis {analysis_id} does not exist") from None
     except errors.InvalidTextRepresentation:
         raise JobNotFound(f"analysis {analysis_id!r} does not exist (not a UUID)") from None
-    except (errors.DataException, errors.IntegrityError) as exc:
+    except (psycopg.DataError, psycopg.IntegrityError) as exc:
         raise InvalidJobRequest(f"rejected by the database: {exc.diag.message_primary}") from None
     assert row is not None
     return str(row[0])

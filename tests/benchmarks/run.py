@@ -14,6 +14,7 @@ a ratio to the plain-SQL baseline measured in the same run on the same server.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -302,28 +303,45 @@ def bench_pickup(server_url: str, runs: int, inserts: int = 200, gap: float = 0.
 
 
 def bench_submission(server_url: str, runs: int, seconds: float = 10.0, clients: int = 8) -> list[Measurement]:
-    """8 connections doing single-row INSERT transactions, with and without the NOTIFY trigger."""
+    """8 connections doing single-row INSERT transactions: trigger on, off, and on with a worker taking the jobs.
+
+    With the trigger on, a transaction sends a NOTIFY only when some worker is
+    idle and waiting; the third variant runs one real worker (on the same two
+    cores) that claims the jobs as they arrive, and counts the notifications.
+    """
+    variants = [("trigger on, no worker", True, False), ("trigger off", False, False)]
+    variants.append(("trigger on, 1 worker claiming the jobs as they arrive", True, True))
     measured = []
-    for trigger in (True, False):
-        result = Measurement(f"submission rate, {clients} clients, trigger {'on' if trigger else 'off'}", "inserts/s")
+    for label, trigger, with_worker in variants:
+        result = Measurement(f"submission rate, {clients} clients, {label}", "inserts/s")
+        notified: list[float] = []
         for _ in range(runs):
             with fresh_database(server_url) as url, psycopg.connect(url, autocommit=True) as conn:
                 analysis = create_analysis(conn, TRIVIAL_JS)
                 if not trigger:
                     conn.execute("ALTER TABLE analysis_jobs DISABLE TRIGGER analysis_jobs_notify_pending")
-                counts = [0] * clients
-                stop_at = time.monotonic() + seconds
-                threads = [
-                    threading.Thread(target=_submit_until, args=(url, analysis, stop_at, counts, i))
-                    for i in range(clients)
-                ]
-                for thread in threads:
-                    thread.start()
-                for thread in threads:
-                    thread.join()
+                with contextlib.ExitStack() as stack:
+                    if with_worker:
+                        stack.enter_context(workers(url, 1, "--concurrency", "32"))
+                    listener = stack.enter_context(psycopg.connect(url, autocommit=True))
+                    listener.execute("LISTEN analysis_jobs_pending")
+                    counts = [0] * clients
+                    stop_at = time.monotonic() + seconds
+                    threads = [
+                        threading.Thread(target=_submit_until, args=(url, analysis, stop_at, counts, i))
+                        for i in range(clients)
+                    ]
+                    for thread in threads:
+                        thread.start()
+                    for thread in threads:
+                        thread.join()
+                    notifications = sum(1 for _ in listener.notifies(timeout=1.0))
                 result.values.append(sum(counts) / seconds)
+                notified.append(notifications / max(1, sum(counts)))
+        result.extra["notifying_transactions_share"] = statistics.median(notified)
         measured.append(result)
     measured[0].extra["ratio_to_no_trigger"] = measured[0].median / measured[1].median
+    measured[2].extra["ratio_to_no_trigger"] = measured[2].median / measured[1].median
     return measured
 
 
