@@ -15,6 +15,7 @@ PREFIX = "analysis_executor"
 disable_created_metrics()
 
 _DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+_RESULT_SIZE_BUCKETS = tuple(float(1 << shift) for shift in range(18, 31))  # 256 KiB .. 1 GiB
 _WAIT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900)
 
 
@@ -80,6 +81,18 @@ class Metrics:
         self.listener_connected = Gauge(
             f"{PREFIX}_listener_connected", "1 while the LISTEN connection is up.", registry=r
         )
+        self.stored_result_size = Histogram(
+            f"{PREFIX}_stored_result_size_bytes",
+            "Uncompressed size of each result stored outside its job row (over RESULT_INLINE_MAX_BYTES).",
+            buckets=_RESULT_SIZE_BUCKETS,
+            registry=r,
+        )
+        self.stored_result_written_bytes = Counter(
+            f"{PREFIX}_stored_result_written_bytes",
+            "Compressed bytes of large results written to the result storage, by backend (postgres, filesystem).",
+            ["backend"],
+            registry=r,
+        )
         self.up = Gauge(f"{PREFIX}_up", "1 while the worker runs and its database is reachable.", registry=r)
         # Every label value exists from the start, so rate() and alerts see 0, not "no data".
         for status in ("pending", "scheduled", "running"):
@@ -90,3 +103,5 @@ class Metrics:
             self.database_errors.labels(operation)
         for reason in ("timeout", "crash", "cancelled"):
             self.pool_restarts.labels(reason)
+        for backend in ("postgres", "filesystem"):
+            self.stored_result_written_bytes.labels(backend)
