@@ -1,4 +1,4 @@
--- depends: 0004_schedules
+-- depends: 0005_result_storage
 -- Submissions notify only when a worker is idle and waiting for work.
 --
 -- PostgreSQL serialises the commits of all transactions that sent a NOTIFY

@@ -70,3 +70,25 @@ def test_settings_are_frozen() -> None:
     settings = load_settings({}, {"DATABASE_URL": URL})
     with pytest.raises(AttributeError):
         settings.concurrency = 10  # type: ignore[misc]
+
+
+def test_result_storage_settings_are_checked_at_start_up(tmp_path: Path) -> None:
+    base = {"DATABASE_URL": URL}
+    settings = load_settings({}, base)
+    assert (settings.result_storage, settings.result_inline_max_bytes, settings.result_max_bytes) == (
+        "postgres",
+        256 * 1024,
+        16 * 1024 * 1024,
+    )
+    for env, message in [
+        ({"RESULT_STORAGE": "s3"}, "RESULT_STORAGE: unknown backend 's3'"),
+        ({"RESULT_STORAGE": "filesystem"}, "RESULT_STORAGE_DIR is required when RESULT_STORAGE=filesystem"),
+        ({"RESULT_STORAGE": "filesystem", "RESULT_STORAGE_DIR": str(tmp_path / "nope")}, "does not exist"),
+        ({"RESULT_INLINE_MAX_BYTES": "4096", "RESULT_MAX_BYTES": "2048"}, "RESULT_INLINE_MAX_BYTES: 4096 is over"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            load_settings({}, {**base, **env})
+    files = load_settings({}, {**base, "RESULT_STORAGE": "filesystem", "RESULT_STORAGE_DIR": str(tmp_path)})
+    assert (files.result_storage, files.result_storage_dir) == ("filesystem", tmp_path)
+    small_cap = load_settings({}, {**base, "RESULT_MAX_BYTES": "100000"})
+    assert small_cap.result_inline_max_bytes == 100000  # a small cap lowers the default inline limit with it

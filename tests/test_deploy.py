@@ -176,10 +176,14 @@ def test_dashboard_has_the_panels_and_variables_operators_need() -> None:
         "Schedule lag percentiles",
         "Scheduled jobs enqueued",
         "Schedule skips by reason",
+        "Stored result bytes",
+        "Dependency query duration percentiles",
+        "Dependency queries and failures",
     ):
         assert wanted in titles
     quantiles = [t["expr"] for p in board["panels"] for t in p.get("targets", []) if "histogram_quantile" in t["expr"]]
-    assert len(quantiles) == 9
+    assert len(quantiles) >= 9
+    assert all("_bucket{" in q and "sum by (le" in q for q in quantiles), "quantiles need summed buckets by le"
 
 
 def _expressions() -> Iterator[str]:

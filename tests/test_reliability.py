@@ -27,6 +27,7 @@ from tests.processes import alive, child_pids
 from worker.config import load_settings
 from worker.maintenance.pruner import Pruner
 from worker.queries import JOBS_FINISHED_CHANNEL
+from worker.result_storage import ResultStore
 
 SHORT_LEASE = {"JOB_LEASE_SECONDS": "1"}
 GOOD = 'export default function analyze() { return {result: "success"}; }'
@@ -399,7 +400,8 @@ def test_retention_deletes_only_old_finished_jobs_one_replica_at_a_time(
         async with AsyncConnectionPool(database_url, min_size=2, kwargs={"autocommit": True}) as pool:
             return list(
                 await asyncio.gather(
-                    Pruner(settings, pool).prune_finished_jobs(), Pruner(settings, pool).prune_finished_jobs()
+                    Pruner(settings, pool, ResultStore(settings)).prune_finished_jobs(),
+                    Pruner(settings, pool, ResultStore(settings)).prune_finished_jobs(),
                 )
             )
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the process exit code."""
     from worker.embedded import EmbeddedPostgresError
     from worker.jobs import InvalidJobRequest, JobAlreadyFinished, JobNotFound
+    from worker.result_storage import ResultNotAvailable
     from worker.schedules import InvalidSchedule, ScheduleNotFound
     from worker.service import WorkerStartupError
 
@@ -70,6 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         JobAlreadyFinished,
         InvalidSchedule,
         ScheduleNotFound,
+        ResultNotAvailable,
     ) as exc:
         print(f"analysis-executor: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -136,8 +139,19 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_log_level(jobs)
     jobs.set_defaults(command=_jobs)
 
-    show = commands.add_parser("show", help="one job, every column")
+    show = commands.add_parser("show", help="one job, every column (or, with --result, its whole result)")
     show.add_argument("job_id")
+    show.add_argument(
+        "--result",
+        action="store_true",
+        help="write the job's whole result to stdout, exactly as stored (inline or in the result storage)",
+    )
+    show.add_argument(
+        "--result-storage-dir",
+        type=Path,
+        default=_env("RESULT_STORAGE_DIR"),
+        help="folder of results stored as files (env RESULT_STORAGE_DIR); needed for those only",
+    )
     _add_database_url(show)
     _add_log_level(show)
     show.set_defaults(command=_show)
@@ -426,6 +440,9 @@ def _jobs(args: argparse.Namespace) -> int:
 def _show(args: argparse.Namespace) -> int:
     from worker.jobs import get_attempts, get_job
 
+    if args.result:
+        return _show_result(args)
+
     async def fetch() -> dict[str, Any]:
         async with await _connect(args) as conn:
             job = await get_job(conn, args.job_id)
@@ -433,6 +450,31 @@ def _show(args: argparse.Namespace) -> int:
             return job
 
     print(json.dumps(asyncio.run(fetch()), indent=2, default=str))
+    return EXIT_OK
+
+
+def _show_result(args: argparse.Namespace) -> int:
+    """Stream the job's result to stdout; exit 2 when there is none, 1 when it cannot be read whole."""
+    from worker.result_storage import StoredResultCorrupt, find_result, read_result
+
+    async def stream() -> None:
+        async with await _connect(args) as conn:
+
+            @contextlib.asynccontextmanager
+            async def same_connection() -> AsyncIterator[psycopg.AsyncConnection]:
+                yield conn
+
+            info = await find_result(conn, args.job_id)
+            out = sys.stdout.buffer
+            async for piece in read_result(info, same_connection, args.result_storage_dir):
+                out.write(piece)
+            out.flush()
+
+    try:
+        asyncio.run(stream())
+    except StoredResultCorrupt as exc:
+        print(f"analysis-executor: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     return EXIT_OK
 
 

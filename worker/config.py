@@ -21,6 +21,9 @@ from types import MappingProxyType
 
 from worker.db import InvalidDatabaseURL, validate_database_url
 
+DEFAULT_RESULT_MAX_BYTES = 16 * 1024 * 1024
+DEFAULT_RESULT_INLINE_MAX_BYTES = 256 * 1024
+
 
 class ConfigError(ValueError):
     """A setting has an invalid value; the message names it."""
@@ -42,7 +45,10 @@ class Settings:
     default_memory_limit_mb: int = 256
     js_stack_limit_kb: int = 1024
     output_max_bytes: int = 1024 * 1024
-    result_max_bytes: int = 16 * 1024 * 1024
+    result_max_bytes: int = DEFAULT_RESULT_MAX_BYTES
+    result_inline_max_bytes: int = DEFAULT_RESULT_INLINE_MAX_BYTES
+    result_storage: str = "postgres"
+    result_storage_dir: Path | None = None
     scripts_dir: Path = Path("analytics")
     python_executable: str = sys.executable
     metrics_refresh_seconds: float = 10.0
@@ -96,6 +102,9 @@ _ENV_NAMES = {
     "js_stack_limit_kb": "JS_STACK_LIMIT_KB",
     "output_max_bytes": "JOB_OUTPUT_MAX_BYTES",
     "result_max_bytes": "RESULT_MAX_BYTES",
+    "result_inline_max_bytes": "RESULT_INLINE_MAX_BYTES",
+    "result_storage": "RESULT_STORAGE",
+    "result_storage_dir": "RESULT_STORAGE_DIR",
     "scripts_dir": "ANALYTICS_SCRIPTS_DIR",
     "python_executable": "ANALYTICS_PYTHON",
     "metrics_refresh_seconds": "METRICS_REFRESH_SECONDS",
@@ -126,6 +135,7 @@ _POSITIVE_INTS = {
     "js_stack_limit_kb": (64, 1_048_576),
     "output_max_bytes": (1024, 1 << 30),
     "result_max_bytes": (1024, 1 << 31),
+    "result_inline_max_bytes": (1024, 1 << 30),
     "job_retention_days": (0, 36500),
     "http_max_body_bytes": (1024, 1 << 30),
     "dependency_timeout_ms": (1, 86_400_000),
@@ -179,6 +189,7 @@ def load_settings(overrides: Mapping[str, object], environ: Mapping[str, str] | 
     values["datasources"] = load_datasources(
         str(values["database_url"]), env, str(values.pop("datasources_file", "")) or None
     )
+    _result_storage_settings(values)
     return Settings(**values)  # type: ignore[arg-type]
 
 
@@ -228,6 +239,37 @@ def _datasources_file(path: Path) -> dict[str, str]:
             raise ConfigError(f"DATASOURCES_FILE: datasource {name!r} needs a URL string")
         entries[str(name).lower()] = url
     return entries
+
+
+def _result_storage_settings(values: dict[str, object]) -> None:
+    """Check the large-result settings together: backend, its folder, inline limit within the hard cap."""
+    cap = int(str(values.get("result_max_bytes", DEFAULT_RESULT_MAX_BYTES)))
+    if "result_inline_max_bytes" not in values:  # a small cap lowers the default inline limit with it
+        values["result_inline_max_bytes"] = min(DEFAULT_RESULT_INLINE_MAX_BYTES, cap)
+    inline = int(str(values["result_inline_max_bytes"]))
+    if inline > cap:
+        raise ConfigError(
+            f"{_ENV_NAMES['result_inline_max_bytes']}: {inline} is over {_ENV_NAMES['result_max_bytes']} ({cap}); "
+            "results between the two are the ones stored outside the job row"
+        )
+    backend = str(values.get("result_storage", "postgres")).lower()
+    if backend not in ("postgres", "filesystem"):
+        raise ConfigError(f"{_ENV_NAMES['result_storage']}: unknown backend {backend!r} (postgres, filesystem)")
+    values["result_storage"] = backend
+    folder = values.get("result_storage_dir")
+    if folder is not None:
+        values["result_storage_dir"] = folder = Path(str(folder)).expanduser().absolute()
+    if backend != "filesystem":
+        return
+    if folder is None:
+        raise ConfigError(
+            f"{_ENV_NAMES['result_storage_dir']} is required when {_ENV_NAMES['result_storage']}=filesystem"
+        )
+    assert isinstance(folder, Path)
+    if not folder.is_dir():
+        raise ConfigError(f"{_ENV_NAMES['result_storage_dir']}: {folder} does not exist or is not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"{_ENV_NAMES['result_storage_dir']}: {folder} is not writable by this process")
 
 
 def _int_setting(name: str, raw: object, low: int, high: int) -> int:

@@ -34,6 +34,7 @@ from worker.metrics import Metrics
 from worker.pool import ProcessPool
 from worker.queries import JOBS_PENDING_CHANNEL, QUERIES
 from worker.recorder import Recorder
+from worker.result_storage import ResultStore
 from worker.runtimes.protocol import outcome
 from worker.runtimes.python import ScriptNotAllowed, ScriptWhitelist
 
@@ -60,6 +61,7 @@ class Executor:
         db_pool: AsyncConnectionPool,
         process_pool: ProcessPool,
         recorder: Recorder,
+        results: ResultStore,
         whitelist: ScriptWhitelist,
         datasources: Datasources,
         wakeups: Wakeups,
@@ -70,6 +72,7 @@ class Executor:
         self._db_pool = db_pool
         self._pool = process_pool
         self._recorder = recorder
+        self._results = results
         self._whitelist = whitelist
         self._datasources = datasources
         self._wakeups = wakeups
@@ -226,7 +229,10 @@ class Executor:
                 self._after_interruption(job, reason, time.monotonic() - started)
                 return
             self._executing.pop(key, None)
-            stored = await self._recorder.record(job, result, retry=self._should_retry(job, result))
+            # Past this point nothing interrupts the job: a large result's file,
+            # once written, is either recorded or removed by the recorder.
+            result, large = await self._results.prepare(job.id, job.attempt, result)
+            stored = await self._recorder.record(job, result, retry=self._should_retry(job, result), stored=large)
             self._lifecycle.finished(job, result, stored_status=stored, seconds=time.monotonic() - started)
         finally:
             self._executing.pop(key, None)

@@ -1,7 +1,7 @@
 """The worker's HTTP server: health, metrics and the job API.
 
 - ``GET /health``, ``/health/live``, ``/health/ready``, ``GET /metrics``: open.
-- ``POST /jobs``, ``GET /jobs/{id}``, ``POST /jobs/{id}/cancel``: need
+- ``POST /jobs``, ``GET /jobs/{id}``, ``GET /jobs/{id}/result``, ``POST /jobs/{id}/cancel``: need
   ``Authorization: Bearer $ANALYSIS_EXECUTOR_API_TOKEN`` when a token is
   configured, and are refused (403) on a non-loopback bind without one.
 
@@ -13,6 +13,7 @@ which would take over signal handling.
 
 from __future__ import annotations
 
+import base64
 import hmac
 import json
 import logging
@@ -26,7 +27,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from worker import jobs
+from worker import jobs, result_storage
 from worker.config import Settings
 from worker.metrics import Metrics
 
@@ -178,9 +179,58 @@ def _add_job_api(app: web.Application, settings: Settings, db_pool: AsyncConnect
             return _error(409, str(exc))
         return json_response(job)
 
+    async def show_result(request: web.Request) -> web.StreamResponse:
+        if (refused := refusal(request)) is not None:
+            return refused
+        job_id = request.match_info["job_id"]
+        try:
+            async with db_pool.connection() as conn:
+                info = await result_storage.find_result(conn, job_id)
+        except result_storage.ResultNotAvailable as exc:
+            return _error(404, str(exc))
+        body = result_storage.read_result(info, db_pool.connection, settings.result_storage_dir)
+        try:
+            try:
+                first = await anext(body, b"")  # a missing file or row is still a clean 404
+            except result_storage.ResultNotAvailable as exc:
+                return _error(404, str(exc))
+            except result_storage.StoredResultCorrupt as exc:
+                log.error("Job %s: %s", info.job_id, exc, extra={"job_id": info.job_id})
+                return _error(500, str(exc))
+            response = web.StreamResponse(headers=result_headers(info))
+            response.content_length = info.size_bytes
+            await response.prepare(request)
+            try:
+                await response.write(first)
+                async for piece in body:
+                    await response.write(piece)
+            except (result_storage.StoredResultCorrupt, result_storage.ResultNotAvailable) as exc:
+                # The status line is sent already: cut the connection short of
+                # Content-Length, so the client sees an incomplete body.
+                log.error("Job %s: %s", info.job_id, exc, extra={"job_id": info.job_id})
+                if request.transport is not None:
+                    request.transport.abort()
+                return response
+            await response.write_eof()
+            return response
+        finally:
+            await body.aclose()
+
     app.router.add_post("/jobs", create_job)
     app.router.add_get("/jobs/{job_id}", show_job)
+    app.router.add_get("/jobs/{job_id}/result", show_result)
     app.router.add_post("/jobs/{job_id}/cancel", cancel_job)
+
+
+def result_headers(info: result_storage.ResultInfo) -> dict[str, str]:
+    """Content type and checksum headers of a result response (``Repr-Digest`` as in RFC 9530)."""
+    digest = base64.b64encode(bytes.fromhex(info.checksum.removeprefix("sha256:"))).decode()
+    return {
+        "Content-Type": info.content_type,
+        "Repr-Digest": f"sha-256=:{digest}:",
+        "ETag": f'"{info.checksum}"',
+        "X-Result-Storage": info.backend or "inline",
+    }
 
 
 async def start_http(app: web.Application, host: str, port: int) -> web.AppRunner:

@@ -16,6 +16,7 @@ disable_created_metrics()
 
 _DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 _LAG_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600, 21600, 86400)
+_RESULT_SIZE_BUCKETS = tuple(float(1 << shift) for shift in range(18, 31))  # 256 KiB .. 1 GiB
 _WAIT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900)
 
 
@@ -110,6 +111,18 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.stored_result_size = Histogram(
+            f"{PREFIX}_stored_result_size_bytes",
+            "Uncompressed size of each result stored outside its job row (over RESULT_INLINE_MAX_BYTES).",
+            buckets=_RESULT_SIZE_BUCKETS,
+            registry=r,
+        )
+        self.stored_result_written_bytes = Counter(
+            f"{PREFIX}_stored_result_written_bytes",
+            "Compressed bytes of large results written to the result storage, by backend (postgres, filesystem).",
+            ["backend"],
+            registry=r,
+        )
         self.up = Gauge(f"{PREFIX}_up", "1 while the worker runs and its database is reachable.", registry=r)
         # Every label value exists from the start, so rate() and alerts see 0, not "no data".
         for status in ("pending", "scheduled", "running"):
@@ -122,3 +135,5 @@ class Metrics:
             self.pool_restarts.labels(reason)
         for reason in ("missed_window", "analysis_inactive", "invalid_schedule"):
             self.schedule_skips.labels(reason)
+        for backend in ("postgres", "filesystem"):
+            self.stored_result_written_bytes.labels(backend)

@@ -2,9 +2,13 @@
 
 Outcomes queue up while a write is in flight and go out together in one
 statement (``sql/record_outcomes.sql``). Every write is fenced by the attempt this worker
-claimed (see ``sql/record_outcome.sql``). When the database is away the batch
+claimed (see ``sql/record_outcomes.sql``). When the database is away the batch
 is retried with backoff until it is back; a row the database refuses (bad
 data) is written alone, as a failure that says why.
+
+A batch with large results (see ``worker.result_storage``) also stores them,
+in the same transaction (``sql/store_results.sql``); a batch without any
+costs nothing more than the one statement.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from worker.db import DedicatedConnection
 from worker.lifecycle import ClaimedJob
 from worker.metrics import Metrics
 from worker.queries import QUERIES
+from worker.result_storage import CONTENT_TYPE, ResultStore, StoredResult
 
 log = logging.getLogger(__name__)
 
@@ -36,25 +41,32 @@ class _Pending:
     outcome: dict[str, Any]
     retry: bool
     done: asyncio.Future[str | None]
+    stored: StoredResult | None = None  # the large result, prepared outside the row
 
 
 class Recorder:
     """Queue of outcomes to write; ``record`` returns once its row was written (or fenced off)."""
 
-    def __init__(self, database_url: str, worker_id: str, metrics: Metrics) -> None:
+    def __init__(self, database_url: str, worker_id: str, metrics: Metrics, results: ResultStore) -> None:
         self._conn = DedicatedConnection(database_url, "analysis-executor recorder")
         self._worker_id = worker_id
         self._metrics = metrics
+        self._results = results
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self.database_ok = True
 
-    async def record(self, job: ClaimedJob, outcome: dict[str, Any], *, retry: bool = False) -> str | None:
+    async def record(
+        self, job: ClaimedJob, outcome: dict[str, Any], *, retry: bool = False, stored: StoredResult | None = None
+    ) -> str | None:
         """Write the outcome; return the status now stored, or None if the job is no longer ours.
 
         With ``retry``, a job with attempts left goes back to 'pending' after a backoff.
+        ``stored`` is the large result whose stub is the outcome's result
+        (``ResultStore.prepare``); it is stored with the row, or its file is
+        removed if the row is not written.
         """
         done: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Pending(job, outcome, retry, done))
+        self._queue.put_nowait(_Pending(job, outcome, retry, done, stored))
         return await done
 
     async def close(self) -> None:
@@ -75,8 +87,18 @@ class Recorder:
                 log.exception("could not record %d job outcome(s); their jobs will be rescued", len(batch))
                 stored = {}
             for item in batch:
+                if item.stored is not None:
+                    self._settle_stored_result(item.stored, stored.get(item.job.id))
                 if not item.done.done():
                     item.done.set_result(stored.get(item.job.id))
+
+    def _settle_stored_result(self, result: StoredResult, status: str | None) -> None:
+        """Count a large result that was stored with its row; remove the file of one that was not."""
+        if status == "completed":
+            self._metrics.stored_result_size.observe(result.size_bytes)
+            self._metrics.stored_result_written_bytes.labels(result.backend).inc(result.compressed_bytes)
+        else:
+            self._results.discard(result)
 
     async def _write_with_retry(self, batch: list[_Pending]) -> dict[str, str]:
         backoff = 0.1
@@ -103,8 +125,18 @@ class Recorder:
 
     async def _write(self, batch: list[_Pending]) -> dict[str, str]:
         conn = await self._conn.get()
-        cur = await conn.execute(QUERIES["record_outcomes"], self._params(batch), prepare=True)
-        return {str(job_id): status for job_id, status in await cur.fetchall()}
+        large = [item.stored for item in batch if item.stored is not None]
+        if not large:
+            cur = await conn.execute(QUERIES["record_outcomes"], self._params(batch), prepare=True)
+            return {str(job_id): status for job_id, status in await cur.fetchall()}
+        # One transaction: a job row never points at a result that is not there.
+        # store_results.sql stores exactly the results of the rows this update
+        # completed, so a row's status says whether its result was stored.
+        async with conn.transaction():
+            cur = await conn.execute(QUERIES["record_outcomes"], self._params(batch), prepare=True)
+            written = {str(job_id): status for job_id, status in await cur.fetchall()}
+            await conn.execute(QUERIES["store_results"], self._storage_params(large))
+        return written
 
     async def _write_one_by_one(self, batch: list[_Pending]) -> dict[str, str]:
         stored: dict[str, str] = {}
@@ -169,6 +201,20 @@ class Recorder:
             columns["stderrs"].append(_text(outcome.get("stderr")))
             columns["exit_codes"].append(outcome.get("exit_code"))
         return {**columns, "worker_id": self._worker_id}
+
+    def _storage_params(self, results: list[StoredResult]) -> dict[str, Any]:
+        """Large results as one array per column, for store_results.sql."""
+        return {
+            "job_ids": [r.job_id for r in results],
+            "attempts": [r.attempt for r in results],
+            "sizes": [r.size_bytes for r in results],
+            "checksums": [r.checksum for r in results],
+            "content_types": [CONTENT_TYPE] * len(results),
+            "backends": [r.backend for r in results],
+            "locations": [r.location for r in results],
+            "contents": [r.content for r in results],
+            "worker_id": self._worker_id,
+        }
 
 
 def is_transient(exc: psycopg.Error) -> bool:

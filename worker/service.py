@@ -42,6 +42,7 @@ from worker.migrate import shipped_migration_ids
 from worker.pool import ProcessPool
 from worker.queries import QUERIES
 from worker.recorder import Recorder
+from worker.result_storage import ResultStore
 from worker.runtimes.python import ScriptWhitelist
 
 log = logging.getLogger("worker")
@@ -136,12 +137,14 @@ class Worker:
                 on_respawn=lambda reason: self.metrics.pool_restarts.labels(reason).inc(),
             )
             await self._pool.start()
-            self._recorder = Recorder(settings.database_url, settings.worker_id, self.metrics)
+            results = ResultStore(settings)
+            self._recorder = Recorder(settings.database_url, settings.worker_id, self.metrics, results)
             executor = self._executor = Executor(
                 settings,
                 db_pool,
                 self._pool,
                 self._recorder,
+                results,
                 self.whitelist,
                 self.datasources,
                 self.wakeups,
@@ -162,7 +165,7 @@ class Worker:
             heartbeat = Heartbeat(settings, db_pool, executor, self.lifecycle, lambda: self.draining)
             await heartbeat.register()
             rescuer = Rescuer(settings, db_pool, self.wakeups)
-            pruner = Pruner(settings, db_pool)
+            pruner = Pruner(settings, db_pool, results)
             scheduler = Scheduler(settings, db_pool, self.metrics)
 
             tasks.append(asyncio.create_task(self._recorder.run(), name="recorder"))

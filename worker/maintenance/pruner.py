@@ -1,9 +1,15 @@
-"""Pruner: retention of finished jobs.
+"""Pruner: retention of finished jobs, and deletion of result files nothing refers to.
 
 Finished jobs created more than ``JOB_RETENTION_DAYS`` ago (0 = keep
 forever) are deleted in small batches, so no long lock or vacuum storm
-hits the queue. One replica at a time: the pass holds a PostgreSQL
-advisory lock, and replicas that cannot take it skip their turn.
+hits the queue; their attempts and stored results go with them by foreign
+key. One replica at a time: the pass holds a PostgreSQL advisory lock, and
+replicas that cannot take it skip their turn.
+
+Result files (``RESULT_STORAGE=filesystem``) whose rows were deleted — by
+retention, by a user deleting jobs or analyses, or replaced by a later
+attempt — are queued by a trigger in ``analysis_result_file_deletions``;
+the same pass deletes those files, then forgets them.
 """
 
 from __future__ import annotations
@@ -11,10 +17,12 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from worker.config import Settings
 from worker.queries import QUERIES
+from worker.result_storage import ResultStore
 
 log = logging.getLogger(__name__)
 
@@ -24,33 +32,59 @@ _MAX_BATCHES_PER_PASS = 100
 
 
 class Pruner:
-    """Deletes old finished jobs."""
+    """Deletes old finished jobs and orphaned result files."""
 
     interval_seconds = 300.0
 
-    def __init__(self, settings: Settings, db_pool: AsyncConnectionPool) -> None:
+    def __init__(self, settings: Settings, db_pool: AsyncConnectionPool, results: ResultStore) -> None:
         self._settings = settings
         self._db_pool = db_pool
+        self._results = results
 
     async def prune_finished_jobs(self) -> int:
-        """One pass; returns how many jobs were deleted (0 when another replica holds the lock)."""
+        """One pass; returns how many jobs were deleted (0 when another replica holds the lock).
+
+        Raises OSError when a result file exists but cannot be deleted (it stays queued).
+        """
         days = self._settings.job_retention_days
-        if days <= 0:
-            return 0
         deleted = 0
         async with self._db_pool.connection() as conn:
             got = await (await conn.execute("SELECT pg_try_advisory_lock(%s)", (PRUNE_LOCK_KEY,))).fetchone()
             if not got or not got[0]:
                 return 0
             try:
-                for _ in range(_MAX_BATCHES_PER_PASS):
-                    cur = await conn.execute(QUERIES["prune_finished_jobs"], {"days": days, "batch": _BATCH})
-                    deleted += cur.rowcount
-                    if cur.rowcount < _BATCH:
-                        break
-                    await asyncio.sleep(0.05)  # let the queue breathe between batches
+                if days > 0:
+                    deleted = await self._delete_old_jobs(conn, days)
+                if self._results.storage_dir is not None:
+                    await self._delete_orphaned_result_files(conn)
             finally:
                 await conn.execute("SELECT pg_advisory_unlock(%s)", (PRUNE_LOCK_KEY,))
         if deleted:
             log.info("retention: deleted %d finished job(s) older than %d days", deleted, days)
         return deleted
+
+    async def _delete_old_jobs(self, conn: psycopg.AsyncConnection, days: int) -> int:
+        deleted = 0
+        for _ in range(_MAX_BATCHES_PER_PASS):
+            cur = await conn.execute(QUERIES["prune_finished_jobs"], {"days": days, "batch": _BATCH})
+            deleted += cur.rowcount
+            if cur.rowcount < _BATCH:
+                break
+            await asyncio.sleep(0.05)  # let the queue breathe between batches
+        return deleted
+
+    async def _delete_orphaned_result_files(self, conn: psycopg.AsyncConnection) -> None:
+        removed = 0
+        for _ in range(_MAX_BATCHES_PER_PASS):
+            cur = await conn.execute(QUERIES["result_files_to_delete"], {"batch": _BATCH})
+            locations = [location for (location,) in await cur.fetchall()]
+            if not locations:
+                break
+            # Files first, then the queue rows: a crash in between only repeats a deletion.
+            await asyncio.to_thread(self._results.delete_files, locations)
+            await conn.execute(QUERIES["forget_result_file_deletions"], {"locations": locations})
+            removed += len(locations)
+            if len(locations) < _BATCH:
+                break
+        if removed:
+            log.info("retention: deleted %d result file(s) no job refers to any more", removed)

@@ -20,7 +20,7 @@ from typing import Any
 
 import quickjs
 
-from worker.runtimes.protocol import outcome
+from worker.runtimes.protocol import format_size, outcome, result_too_large
 
 DEFAULT_EXPORT = "__analysis_default__"
 _MAX_STACK_LINES = 15
@@ -135,16 +135,13 @@ def run_javascript(job: dict[str, Any]) -> dict[str, Any]:
                 result_json = context.eval(_RESULT)
             except quickjs.JSException as exc:
                 return _failure(context, exc, job, captures, stage="result")
-        result_bytes = len(result_json.encode("utf-8", "surrogatepass"))
-        if result_bytes > job["result_max_bytes"]:
-            return _with_output(
-                context,
-                "failed",
-                output_limit,
-                captures,
-                error_message=f"result is {_size(result_bytes)}, over the {_size(job['result_max_bytes'])} "
-                "limit (RESULT_MAX_BYTES)",
-            )
+        # Checked here, before the result goes through the pipe to the worker.
+        # Characters are counted first: most results are far below the limit.
+        if len(result_json) * 4 > job["result_max_bytes"]:
+            result_bytes = len(result_json.encode("utf-8", "surrogatepass"))
+            if result_bytes > job["result_max_bytes"]:
+                message = result_too_large(result_bytes, job["result_max_bytes"])
+                return _with_output(context, "failed", output_limit, captures, error_message=message)
         return _with_output(context, "completed", output_limit, captures, result_json=result_json)
     finally:
         del context
@@ -194,11 +191,11 @@ def _with_output(
         except quickjs.JSException:  # the context is out of memory: output is lost, the verdict is not
             pass
     if overflow:
-        marker = f"\n[output truncated: over the {_size(output_limit)} limit (JOB_OUTPUT_MAX_BYTES)]\n"
+        marker = f"\n[output truncated: over the {format_size(output_limit)} limit (JOB_OUTPUT_MAX_BYTES)]\n"
         stderr += marker
         if status == "completed":
             status, result_json = "failed", None
-            error_message = f"script output exceeded the {_size(output_limit)} limit (JOB_OUTPUT_MAX_BYTES)"
+            error_message = f"script output exceeded the {format_size(output_limit)} limit (JOB_OUTPUT_MAX_BYTES)"
     return outcome(status, result_json=result_json, error_message=error_message, stdout=stdout, stderr=stderr)
 
 
@@ -214,11 +211,3 @@ def _trim_stack(text: str) -> str:
         return "\n".join(lines)
     hidden = len(lines) - _MAX_STACK_LINES
     return "\n".join([*lines[:_MAX_STACK_LINES], f"    ... {hidden} more stack frames"])
-
-
-def _size(n: int) -> str:
-    if n >= 1024 * 1024:
-        return f"{n / (1024 * 1024):.1f} MiB"
-    if n >= 1024:
-        return f"{n / 1024:.1f} KiB"
-    return f"{n} bytes"

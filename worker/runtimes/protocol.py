@@ -52,6 +52,22 @@ def write_frame(stream: BinaryIO, message: dict[str, Any]) -> None:
     stream.flush()
 
 
+def format_size(n: int) -> str:
+    """A byte count for people: ``512 bytes``, ``3.5 KiB``, ``16.0 MiB``."""
+    if n >= 1024 * 1024:
+        return f"{n / (1024 * 1024):.1f} MiB"
+    if n >= 1024:
+        return f"{n / 1024:.1f} KiB"
+    return f"{n} bytes"
+
+
+def result_too_large(size_bytes: int | None, limit_bytes: int) -> str:
+    """The error_message of a job whose result is over ``RESULT_MAX_BYTES`` (size None: not known exactly)."""
+    if size_bytes is None:
+        return f"result is over the {format_size(limit_bytes)} limit (RESULT_MAX_BYTES)"
+    return f"result is {format_size(size_bytes)}, over the {format_size(limit_bytes)} limit (RESULT_MAX_BYTES)"
+
+
 def outcome(
     status: str,
     *,

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from worker.runtimes.protocol import outcome
+from worker.runtimes.protocol import outcome, result_too_large
 
 TERM_GRACE_SECONDS = 5.0
 _ORPHAN_GRACE_SECONDS = 0.2
@@ -113,6 +113,85 @@ class _Stream:
         return text
 
 
+class _Stdout:
+    """The script's stdout: log lines up to ``limit`` bytes, and its last line (the result) up to ``result_limit``.
+
+    The last non-blank line may be the job's result, which can be far larger
+    than the log limit, so it is held apart until another line follows it;
+    only then does it count as log output. A last line that is too large to
+    be either stops the script as soon as it grows past both limits.
+    """
+
+    def __init__(self, limit: int, result_limit: int) -> None:
+        self.limit = limit
+        self.result_limit = result_limit
+        self.log = _Stream(limit, bytearray())
+        self.last = bytearray()
+        self._last_has_text = False
+        self._last_ended = False  # the last line has text and a newline after it
+
+    def feed(self, chunk: bytes) -> None:
+        start = 0
+        while start < len(chunk):
+            newline = chunk.find(b"\n", start)
+            end = len(chunk) if newline < 0 else newline + 1
+            piece = chunk[start:end]
+            has_text = not piece.isspace()
+            if has_text and self._last_ended:  # a new line begins: the one before was a log line
+                self.log.feed(bytes(self.last))
+                self.last.clear()
+                self._last_has_text = self._last_ended = False
+            if len(self.last) <= max(self.limit, self.result_limit):
+                self.last += piece
+            self._last_has_text = self._last_has_text or has_text
+            if newline >= 0:
+                self._last_ended = self._last_has_text
+            elif has_text:
+                self._last_ended = False
+            start = end
+
+    @property
+    def result_overflowed(self) -> bool:
+        """The last line is too long to be a log line or a result."""
+        return len(self.last) > max(self.limit, self.result_limit)
+
+    @property
+    def overflowed(self) -> bool:
+        """The log lines alone are over the limit, or the last line is too long for anything."""
+        return self.log.overflowed or self.result_overflowed
+
+    def result_json(self) -> str | None:
+        """The last non-blank line when it is JSON, else None."""
+        line = self.last.decode("utf-8", "replace").strip()
+        if not line:
+            return None
+        try:
+            json.loads(line)
+        except ValueError:
+            return None
+        return line
+
+    def fits(self) -> bool:
+        """Log lines and last line together are within the log limit."""
+        return self.log.total + len(self.last) <= self.limit
+
+    def text(self, *, last_is_result: bool) -> str:
+        """What the job row's ``stdout`` keeps: the whole output when it fits, or its first ``limit`` bytes.
+
+        A result line too large to fit is left out with a note (it is in ``result``).
+        """
+        if self.fits():
+            return (bytes(self.log.data) + bytes(self.last)).decode("utf-8", "replace")
+        if last_is_result and not self.log.overflowed:
+            note = f"[the last line ({len(self.last)} bytes) is the job's result; see result]\n"
+            return self.log.data.decode("utf-8", "replace") + note
+        combined = _Stream(self.limit, bytearray())
+        combined.feed(bytes(self.log.data))
+        combined.feed(bytes(self.last[: self.limit]))
+        combined.total = self.log.total + len(self.last)
+        return combined.text()
+
+
 def become_subreaper() -> None:
     """Adopt orphaned descendants (Linux); a no-op where prctl is unavailable."""
     with contextlib.suppress(OSError, AttributeError):
@@ -184,8 +263,8 @@ def _script_args(parameters_json: str) -> list[str]:
 def _supervise(proc: subprocess.Popen[bytes], job: dict[str, Any], timeout_s: float) -> dict[str, Any]:
     assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
     limit = job["output_max_bytes"]
-    streams = {proc.stdout.fileno(): _Stream(limit, bytearray()), proc.stderr.fileno(): _Stream(limit, bytearray())}
-    stdout, stderr = streams[proc.stdout.fileno()], streams[proc.stderr.fileno()]
+    stdout, stderr = _Stdout(limit, job["result_max_bytes"]), _Stream(limit, bytearray())
+    streams: dict[int, _Stdout | _Stream] = {proc.stdout.fileno(): stdout, proc.stderr.fileno(): stderr}
     # The parameters, plus "datasets" when the analysis declares dependencies.
     pending_input = memoryview(job.get("stdin_json", job["parameters_json"]).encode("utf-8"))
     selector = selectors.DefaultSelector()
@@ -244,9 +323,12 @@ def _supervise(proc: subprocess.Popen[bytes], job: dict[str, Any], timeout_s: fl
 
 
 def _verdict(
-    job: dict[str, Any], verdict: str | None, returncode: int, stdout: _Stream, stderr: _Stream
+    job: dict[str, Any], verdict: str | None, returncode: int, stdout: _Stdout, stderr: _Stream
 ) -> dict[str, Any]:
-    out, err = stdout.text(), stderr.text()
+    result_json = stdout.result_json() if verdict is None and returncode == 0 else None
+    if result_json is None and not stdout.fits() and verdict is None:
+        verdict = "output"  # the last line is no result, so it counts as log output: over the limit
+    out, err = stdout.text(last_is_result=result_json is not None), stderr.text()
     if verdict == "timeout":
         return outcome(
             "timeout",
@@ -255,8 +337,16 @@ def _verdict(
             stderr=err,
             exit_code=returncode,
         )
+    if verdict == "output" and stdout.result_overflowed:
+        return outcome(
+            "failed",
+            error_message=result_too_large(None, job["result_max_bytes"]) + " and the script was stopped",
+            stdout=out,
+            stderr=err,
+            exit_code=returncode,
+        )
     if verdict == "output":
-        which = "stdout" if stdout.overflowed else "stderr"
+        which = "stderr" if stderr.overflowed else "stdout"
         return outcome(
             "failed",
             error_message=f"script output exceeded the {job['output_max_bytes']} byte limit on {which} "
@@ -266,7 +356,12 @@ def _verdict(
             exit_code=returncode,
         )
     if returncode == 0:
-        return outcome("completed", result_json=_last_json_line(out), stdout=out, stderr=err, exit_code=0)
+        if result_json is not None and len(result_json) * 4 > job["result_max_bytes"]:
+            size = len(result_json.encode("utf-8"))
+            if size > job["result_max_bytes"]:
+                message = result_too_large(size, job["result_max_bytes"])
+                return outcome("failed", error_message=message, stdout=out, stderr=err, exit_code=0)
+        return outcome("completed", result_json=result_json, stdout=out, stderr=err, exit_code=0)
     if returncode < 0:
         name = signal.Signals(-returncode).name
         if -returncode == signal.SIGXCPU:
@@ -286,17 +381,6 @@ def _verdict(
     else:
         message = f"script exited with code {returncode}" + (f": {last_error.strip()}" if last_error else "")
     return outcome("failed", error_message=message, stdout=out, stderr=err, exit_code=returncode)
-
-
-def _last_json_line(stdout: str) -> str | None:
-    for line in reversed(stdout.splitlines()):
-        if line.strip():
-            try:
-                json.loads(line)
-            except ValueError:
-                return None
-            return line.strip()
-    return None
 
 
 def _signal_group(pgid: int, signum: int) -> None:

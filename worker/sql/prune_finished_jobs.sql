@@ -1,5 +1,6 @@
 -- Retention: delete one batch of finished jobs created more than %(days)s days
--- ago (their attempts and stored results go with them, by foreign key).
+-- ago (their attempts and stored results go with them, by foreign key; the
+-- files of stored results are queued for the pruner by a trigger).
 DELETE FROM analysis_jobs
 WHERE id IN (
     SELECT id

@@ -1,0 +1,5 @@
+DROP TRIGGER analysis_result_storage_file_replaced ON analysis_result_storage;
+DROP TRIGGER analysis_result_storage_file_deleted ON analysis_result_storage;
+DROP FUNCTION analysis_result_storage_queue_file_deletion();
+DROP TABLE analysis_result_file_deletions;
+ALTER TABLE analysis_result_storage ALTER COLUMN content SET STORAGE EXTENDED;
