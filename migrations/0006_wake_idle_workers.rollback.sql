@@ -1,5 +1,7 @@
+DROP TRIGGER analysis_jobs_notify_requeued ON analysis_jobs;
 DROP TRIGGER analysis_jobs_notify_pending ON analysis_jobs;
 DROP FUNCTION analysis_jobs_wake_idle_workers();
+DROP FUNCTION analysis_executor_wake_idle_workers();
 
 CREATE FUNCTION analysis_jobs_notify_pending() RETURNS trigger
 LANGUAGE plpgsql AS $$

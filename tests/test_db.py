@@ -49,3 +49,13 @@ def test_yoyo_uri_keeps_special_characters_and_socket_hosts() -> None:
     socket_uri = parse_uri(yoyo_database_uri("host=/var/run/postgresql dbname=app user=u"))
     assert socket_uri.args == {"host": "/var/run/postgresql"}
     assert socket_uri.database == "app"
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["postgresql://u:pa%zzsecret@h/d", "postgresql://u:pa secret@h/d", "host=h password=se cret"],
+)
+def test_a_malformed_url_is_refused_without_echoing_its_password(url: str) -> None:
+    with pytest.raises(InvalidDatabaseURL) as caught:
+        validate_database_url(url)
+    assert "secret" not in str(caught.value) and "cret" not in str(caught.value)

@@ -248,3 +248,34 @@ def test_bad_datasources_file_is_a_clear_config_error(tmp_path: Path, content: s
     file.write_text(content)
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         load_datasources("postgresql://app@127.0.0.1/app", {}, str(file))
+
+
+def test_session_state_a_dependency_leaves_behind_is_discarded(
+    db: psycopg.Connection, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    analysis = create_analysis(db, script=ECHO_DATASETS)
+    declare(db, analysis, "lock", "SELECT pg_advisory_lock(7310598114230005006) IS NULL AS taken")
+    start_worker(env={"DATASOURCE_POOL_SIZE": "1"})
+    job = submit(db, analysis)
+    assert wait_for_jobs(db, [job])[job]["status"] == "completed"
+    # The executor's own submitters need that lock: a query must never keep it.
+    held = db.execute(
+        "SELECT count(*) FROM pg_locks JOIN pg_stat_activity USING (pid)"
+        " WHERE locktype = 'advisory' AND application_name LIKE 'analysis-executor datasource%'"
+    ).fetchone()
+    assert held == (0,)
+    follow_up = submit(db, create_analysis(db, script="export default () => 1"))
+    assert wait_for_jobs(db, [follow_up], timeout=10)[follow_up]["status"] == "completed"
+
+
+def test_python_job_with_a_datasets_parameter_is_told_to_rename_it(
+    db: psycopg.Connection, readings: None, start_worker: Callable[..., WorkerProcess], scripts_dir: Path
+) -> None:
+    (scripts_dir / "noop.py").write_text("print(1)\n")
+    analysis = create_analysis(db, script_name="noop")
+    declare(db, analysis, "readings", "SELECT 1")
+    start_worker()
+    job = submit(db, analysis, {"datasets": [1]})
+    row = wait_for_jobs(db, [job])[job]
+    assert row["status"] == "failed"
+    assert "parameter named 'datasets'" in row["error_message"]

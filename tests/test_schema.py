@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 import psycopg
 import pytest
 from psycopg import errors
@@ -259,6 +261,41 @@ def test_submitter_holds_the_settle_lock_from_its_check_to_its_commit(
         assert db.execute(SUBMITTERS_SETTLED).fetchone() == (False,)
         submitter.commit()
     assert db.execute(SUBMITTERS_SETTLED).fetchone() == (True,)
+
+
+def test_a_job_put_back_in_the_queue_notifies_a_waiting_worker(
+    db: psycopg.Connection, database_url: str, analysis_id: str
+) -> None:
+    job = db.execute(
+        "INSERT INTO analysis_jobs (analysis_id, status) VALUES (%s, 'failed') RETURNING id", (analysis_id,)
+    ).fetchone()
+    _worker(db)
+    with _listener(database_url) as listener:
+        db.execute("UPDATE analysis_jobs SET error_message = 'x' WHERE id = %s", job)  # still failed: nothing
+        assert _drain(listener) == []
+        db.execute("UPDATE analysis_jobs SET status = 'pending' WHERE id = %s", job)
+        assert len(_drain(listener)) == 1
+
+
+def test_a_role_that_may_only_insert_jobs_can_submit_while_a_worker_waits(
+    db: psycopg.Connection, database_url: str, analysis_id: str
+) -> None:
+    role = f"submitter_{uuid.uuid4().hex[:8]}"
+    db.execute(f"CREATE ROLE {role}")
+    try:
+        db.execute(f"GRANT USAGE ON SCHEMA public TO {role}")
+        db.execute(f"GRANT INSERT ON analysis_jobs TO {role}")
+        _worker(db)
+        with _listener(database_url) as listener, psycopg.connect(database_url) as submitter:
+            submitter.execute(f"SET ROLE {role}")
+            submitter.execute("SET search_path = pg_catalog")  # not even the schema on its path
+            submitter.execute("INSERT INTO public.analysis_jobs (analysis_id) VALUES (%s)", (analysis_id,))
+            submitter.commit()
+            assert len(_drain(listener)) == 1
+        assert _waiting(db) == []
+    finally:
+        db.execute(f"DROP OWNED BY {role}")
+        db.execute(f"DROP ROLE {role}")
 
 
 @pytest.mark.parametrize("isolation", ["REPEATABLE READ", "SERIALIZABLE"])

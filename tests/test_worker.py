@@ -108,6 +108,23 @@ def test_no_job_waits_for_the_poll_while_submitters_race_a_worker_going_idle(
     assert slowest < 5, f"a job waited {slowest:.1f}s after its commit"
 
 
+def test_a_worker_whose_last_full_claim_emptied_the_queue_still_picks_up_new_jobs_at_once(
+    db: psycopg.Connection, start_worker: Callable[..., WorkerProcess], scripts_dir: Path
+) -> None:
+    """A full claim reads as "more may be waiting"; the queue may just as well be empty now."""
+    (scripts_dir / "sleepy.py").write_text("import time\ntime.sleep(6)\nprint(1)\n")
+    sleepy = create_analysis(db, script_name="sleepy")
+    quick = create_analysis(db, script=SEED_SCRIPT)
+    with db.transaction():
+        first = [submit(db, quick)] + [submit(db, sleepy) for _ in range(7)]
+    start_worker("--poll-interval-ms", "600000", "--concurrency", "8")  # claims all eight at start-up
+    wait_for_jobs(db, first[:1], timeout=20)
+    late = submit(db, quick)
+    row = wait_for_jobs(db, [late], timeout=20)[late]
+    waited = (row["started_at"] - row["created_at"]).total_seconds()
+    assert waited < 2, f"the new job waited {waited:.1f}s for a worker with 1 of 8 slots free"
+
+
 def test_poll_path_finds_jobs_without_a_listener(
     db: psycopg.Connection, start_worker: Callable[..., WorkerProcess]
 ) -> None:

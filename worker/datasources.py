@@ -5,8 +5,9 @@ against named datasources. Before its script runs, the worker runs each one
 and hands the rows to the script: ``ctx.datasets.<name>`` in JavaScript, a
 ``datasets`` object in the stdin JSON of a Python script.
 
-Each query runs in its own READ ONLY transaction that is always rolled back
-(so even a ``SET`` in it leaves nothing behind on the pooled connection),
+Each query runs in its own READ ONLY transaction that is always rolled back,
+on a connection whose session state is discarded before it is reused (so
+even a ``SET`` or an advisory lock in it leaves nothing behind),
 under a statement timeout, and its rows are streamed with a cap, so a query
 that returns millions of rows fails fast instead of filling memory. Job
 parameters are bound as query parameters (``%(name)s``), never formatted
@@ -187,7 +188,8 @@ class Datasources:
                     min_size=0,
                     max_size=self._pool_size,
                     name=f"datasource-{name}",
-                    kwargs={"application_name": f"analysis-executor datasource {name}", "autocommit": False},
+                    kwargs={"application_name": f"analysis-executor datasource {name}", "autocommit": True},
+                    reset=_discard_session_state,
                     open=False,
                 )
                 await pool.open(wait=False)
@@ -207,6 +209,16 @@ class Datasources:
 
 class _TooManyRows(Exception):
     pass
+
+
+async def _discard_session_state(conn: psycopg.AsyncConnection) -> None:
+    """Before a connection goes back to the pool: drop what outlives a rolled-back transaction.
+
+    Advisory locks, prepared statements and the like survive the rollback;
+    a query must not leave them to the next job (nor hold a lock the
+    executor's own submitters need).
+    """
+    await conn.execute("DISCARD ALL")
 
 
 async def _read_only_rows(

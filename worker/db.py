@@ -8,6 +8,7 @@ logs get a copy without the password).
 
 from __future__ import annotations
 
+import re
 from urllib.parse import quote, urlencode
 
 import psycopg
@@ -42,7 +43,9 @@ def validate_database_url(url: str | None) -> str:
     try:
         params = conninfo_to_dict(url)
     except psycopg.ProgrammingError as exc:
-        raise InvalidDatabaseURL(f"invalid database URL: {_first_line(exc)}") from None
+        # libpq quotes the offending token, which may be the password: never echo it.
+        reason = re.sub(r'"[^"]*"', "(hidden)", _first_line(exc))
+        raise InvalidDatabaseURL(f"invalid database URL: {reason}") from None
     port = str(params.get("port", ""))
     if port and not all(part.isdigit() for part in port.split(",")):
         raise InvalidDatabaseURL(f"invalid database URL: port {port!r} is not a number")

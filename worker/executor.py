@@ -45,6 +45,8 @@ _RECORD_AT_SHUTDOWN_SECONDS = 10.0
 # Retry delays while submitters finish committing (see _announce_waiting).
 _SETTLE_FIRST_DELAY_SECONDS = 0.0005
 _SETTLE_MAX_DELAY_SECONDS = 0.02
+# A worker that claimed a full batch looks again this soon when few slots free up.
+_BACKLOG_RECHECK_SECONDS = 0.05
 
 # Why a job's execution was interrupted.
 CANCELLED = "cancelled"  # a user cancelled it: the row is already 'cancelled'
@@ -140,6 +142,7 @@ class Executor:
                 await self._set_timer_for_next_due_job()
         except psycopg.Error as exc:
             await self._claim_conn.discard()
+            self._wakeups.announce_idle = True  # the announcement may not have happened
             self.database_ok = False
             self._metrics.database_errors.labels("claim").inc()
             log.warning("claim failed (%s); retrying in %.0fs", str(exc).strip().splitlines()[0], _CLAIM_RETRY_SECONDS)
@@ -167,7 +170,10 @@ class Executor:
         stays busy, another wake-up (or the poll) announces again.
         """
         conn = await self._claim_conn.get()
-        await conn.execute(QUERIES["announce_waiting"], {"worker_id": self._settings.worker_id}, prepare=True)
+        cur = await conn.execute(QUERIES["announce_waiting"], {"worker_id": self._settings.worker_id}, prepare=True)
+        if cur.rowcount == 0:  # our registry row is gone (re-created by the next heartbeat): try again later
+            self._wakeups.announce_idle = True
+            return
         delay = _SETTLE_FIRST_DELAY_SECONDS
         give_up = time.monotonic() + self._settings.poll_interval_ms / 1000
         while True:
@@ -238,8 +244,13 @@ class Executor:
             self._executing.pop(key, None)
             self._running.pop(key, None)
             free = self._settings.concurrency - len(self._running)
-            if self._backlog and self._claiming and free >= self._refill_at:
-                self._wakeups.wake("slot")
+            if self._backlog and self._claiming:
+                if free >= self._refill_at:
+                    self._wakeups.wake("slot")
+                else:
+                    # The last full claim may have emptied the queue exactly: look
+                    # again soon rather than only when a quarter of the slots are free.
+                    self._wakeups.wake_at(_BACKLOG_RECHECK_SECONDS)
 
     def _after_interruption(self, job: ClaimedJob, reason: str, seconds: float) -> None:
         if reason == SHUTDOWN:
@@ -282,8 +293,14 @@ class Executor:
         dependencies = parse_dependencies(job.dependencies_json)
         if not dependencies:
             return None
+        parameters = json.loads(job.parameters_json)
+        if job.runtime == "python" and "datasets" in parameters:
+            raise DependencyError(
+                "the job has a parameter named 'datasets', which a Python script with dependencies "
+                "receives its datasets under: rename the parameter"
+            )
         timeout_ms = job.timeout_ms or self._settings.default_timeout_ms
-        return await self._datasources.fetch(dependencies, json.loads(job.parameters_json), timeout_ms)
+        return await self._datasources.fetch(dependencies, parameters, timeout_ms)
 
     def _job_message(self, job: ClaimedJob, datasets: dict[str, Any] | None) -> dict[str, Any]:
         settings = self._settings
@@ -292,7 +309,8 @@ class Executor:
             "analysisId": job.analysis_id,
             "attempt": job.attempt,
             "analysisVersion": job.analysis_version,
-            "datasets": datasets or {},
+            # A Python script reads its datasets from stdin only: do not send them twice.
+            "datasets": datasets if datasets is not None and job.runtime == "javascript" else {},
         }
         message = {
             "job_id": job.id,

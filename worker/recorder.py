@@ -88,17 +88,34 @@ class Recorder:
                 stored = {}
             for item in batch:
                 if item.stored is not None:
-                    self._settle_stored_result(item.stored, stored.get(item.job.id))
+                    await self._settle_stored_result(item.stored, stored.get(item.job.id))
                 if not item.done.done():
                     item.done.set_result(stored.get(item.job.id))
 
-    def _settle_stored_result(self, result: StoredResult, status: str | None) -> None:
-        """Count a large result that was stored with its row; remove the file of one that was not."""
+    async def _settle_stored_result(self, result: StoredResult, status: str | None) -> None:
+        """Count a large result that was stored with its row; remove the file of one that was not.
+
+        A write retried after a lost acknowledgement reports nothing for rows its
+        first try did commit, so a file is removed only once the database says
+        no row refers to it; when it cannot say, the file stays (an orphan file
+        is better than a job whose result is gone).
+        """
         if status == "completed":
             self._metrics.stored_result_size.observe(result.size_bytes)
             self._metrics.stored_result_written_bytes.labels(result.backend).inc(result.compressed_bytes)
-        else:
-            self._results.discard(result)
+            return
+        if result.location is not None:
+            try:
+                conn = await self._conn.get()
+                cur = await conn.execute(
+                    QUERIES["stored_result_exists"], {"job_id": result.job_id, "location": result.location}
+                )
+                if await cur.fetchone() is not None:
+                    return
+            except psycopg.Error as exc:
+                log.warning("Job %s: keeping result file %s (%s)", result.job_id, result.location, _one_line(exc))
+                return
+        self._results.discard(result)
 
     async def _write_with_retry(self, batch: list[_Pending]) -> dict[str, str]:
         backoff = 0.1
