@@ -361,16 +361,31 @@ def _submit_until(url: str, analysis: str, stop_at: float, counts: list[int], in
 
 
 def bench_scale(
-    server_url: str, runs: int, finished: int = 1_000_000, pending: int = 100_000, measured_jobs: int = 20_000
+    server_url: str,
+    runs: int,
+    finished: int = 1_000_000,
+    pending: int = 100_000,
+    warmup_jobs: int = 20_000,
+    measured_jobs: int = 20_000,
 ) -> list[Measurement]:
-    """Claim latency and throughput with a large finished history, against the same backlog and no history."""
+    """Claim latency and throughput with a large finished history, against the same backlog and no history.
+
+    Throughput is measured after a warm-up: right after a checkpoint, the first
+    touch of each index page writes a full-page image to the WAL, and a
+    bigger table has more pages to touch once; a system with a long history
+    paid that long ago.
+    """
     claim = {0: Measurement(f"claim of 50 with {pending:,} pending, no history (p50)", "ms")}
     claim[finished] = Measurement(f"claim of 50 with {finished:,} finished + {pending:,} pending (p50)", "ms")
     rate = {
-        0: Measurement(f"JavaScript throughput, first {measured_jobs:,} of {pending:,} pending, no history", "jobs/s")
+        0: Measurement(
+            f"JavaScript throughput, {measured_jobs:,} jobs after a {warmup_jobs:,}-job warm-up, no history", "jobs/s"
+        )
     }
     rate[finished] = Measurement(
-        f"JavaScript throughput, first {measured_jobs:,} of {pending:,} pending, {finished:,} finished jobs", "jobs/s"
+        f"JavaScript throughput, {measured_jobs:,} jobs after a {warmup_jobs:,}-job warm-up, "
+        f"{finished:,} finished jobs",
+        "jobs/s",
     )
     for _ in range(runs):
         for history in (0, finished):
@@ -394,12 +409,14 @@ def bench_scale(
                         timings.append((time.perf_counter() - started) * 1000)
                 claim[history].values.append(statistics.median(timings))
                 with workers(url, 1, "--concurrency", "128", "--pool-processes", "2"):
-                    wait_for_completed(conn, history + measured_jobs)
-                count, seconds = conn.execute(
-                    "SELECT count(*), EXTRACT(EPOCH FROM max(completed_at) - min(started_at)) FROM analysis_jobs"
-                    " WHERE status = 'completed' AND worker_id IS NOT NULL"
+                    wait_for_completed(conn, history + warmup_jobs + measured_jobs)
+                (seconds,) = conn.execute(
+                    "SELECT EXTRACT(EPOCH FROM max(completed_at) - min(completed_at)) FROM ("
+                    "  SELECT completed_at FROM analysis_jobs WHERE status = 'completed' AND worker_id IS NOT NULL"
+                    "  ORDER BY completed_at OFFSET %s LIMIT %s) AS measured",
+                    (warmup_jobs, measured_jobs),
                 ).fetchone()  # type: ignore[misc]
-                rate[history].values.append(count / float(seconds))
+                rate[history].values.append(measured_jobs / float(seconds))
     rate[finished].extra["ratio_to_no_history"] = rate[finished].median / rate[0].median
     return [claim[0], claim[finished], rate[0], rate[finished]]
 
