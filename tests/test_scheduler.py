@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import random
 import signal
-import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -21,6 +20,7 @@ from cronsim import CronSim, CronSimError
 from psycopg.types.json import Jsonb
 
 from tests.conftest import WorkerProcess, create_analysis, wait_for_jobs
+from tests.test_reliability import wait_until
 from worker.maintenance.scheduler import SchedulerPass, run_scheduler_pass
 from worker.schedules import ticks_after
 
@@ -309,7 +309,8 @@ def test_three_concurrent_schedulers_enqueue_exactly_one_job_per_tick(
     enqueued = [job for mine in passes for one in mine for job in one.enqueued]
     assert len(enqueued) == db.execute("SELECT count(*) FROM analysis_jobs").fetchone()[0]  # no tick twice
     assert all(job.lag_seconds <= 5 for job in enqueued)
-    assert all(any(one.enqueued for one in mine) for mine in passes)  # every scheduler took a share
+    # The schedulers really ran side by side (how the work splits between them depends on timing).
+    assert sum(1 for mine in passes if any(one.enqueued for one in mine)) >= 2
 
 
 def test_no_second_job_for_a_tick_even_when_the_schedule_is_rewound(db: psycopg.Connection, database_url: str) -> None:
@@ -379,14 +380,6 @@ def test_deleting_schedule_or_analysis_keeps_or_removes_the_jobs(db: psycopg.Con
 # --- real workers ---------------------------------------------------------------
 
 
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached after {timeout}s")
-        time.sleep(0.05)
-
-
 def job_count(db: psycopg.Connection, schedule_id: str) -> int:
     row = db.execute("SELECT count(*) FROM analysis_jobs WHERE schedule_id = %s", (schedule_id,)).fetchone()
     assert row is not None
@@ -399,7 +392,7 @@ def test_scheduled_jobs_run_on_a_real_worker_and_are_counted(
     worker = start_worker(env={"SCHEDULER_INTERVAL_SECONDS": "0.2"})
     analysis = create_analysis(db, script=GOOD)
     schedule = create_schedule(db, analysis, "* * * * * *", parameters={"city": "Berlin"})
-    wait_for(lambda: job_count(db, schedule) >= 3, timeout=15, what="three scheduled jobs")
+    wait_until(lambda: job_count(db, schedule) >= 3, timeout=15, what="three scheduled jobs")
     db.execute("UPDATE analysis_schedules SET is_active = false WHERE id = %s", (schedule,))
     ids = [str(row[0]) for row in db.execute("SELECT id FROM analysis_jobs WHERE schedule_id = %s", (schedule,))]
     jobs = wait_for_jobs(db, ids, timeout=30).values()
@@ -420,11 +413,11 @@ def test_three_replicas_enqueue_every_second_exactly_once_across_a_replica_kill(
     workers = [start_worker() for _ in range(3)]  # the default SCHEDULER_INTERVAL_SECONDS
     analysis = create_analysis(db, script=GOOD)
     schedule = create_schedule(db, analysis, "* * * * * *")
-    wait_for(lambda: job_count(db, schedule) >= 4, timeout=20, what="four ticks before the kill")
+    wait_until(lambda: job_count(db, schedule) >= 4, timeout=20, what="four ticks before the kill")
     workers[0].proc.send_signal(signal.SIGKILL)
     workers[0].proc.wait(10)
     at_kill = job_count(db, schedule)
-    wait_for(lambda: job_count(db, schedule) >= at_kill + 6, timeout=30, what="six ticks after the kill")
+    wait_until(lambda: job_count(db, schedule) >= at_kill + 6, timeout=30, what="six ticks after the kill")
     db.execute("UPDATE analysis_schedules SET is_active = false WHERE id = %s", (schedule,))
 
     rows = db.execute(

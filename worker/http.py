@@ -147,7 +147,8 @@ def _add_job_api(app: web.Application, settings: Settings, db_pool: AsyncConnect
             return refused
         try:
             job_request = jobs.validate_job_request(await read_json(request))
-            async with db_pool.connection() as conn:
+            # One transaction: the response shows the job as created, before a worker can claim it.
+            async with db_pool.connection() as conn, conn.transaction():
                 job_id = await jobs.submit_job(conn, **job_request)
                 job = await jobs.get_job(conn, job_id)
         except jobs.InvalidJobRequest as exc:
