@@ -12,7 +12,7 @@ import re
 from urllib.parse import quote, urlencode
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.conninfo import conninfo_to_dict
 
 CONNECT_TIMEOUT_SECONDS = 10
 
@@ -90,13 +90,6 @@ def yoyo_database_uri(url: str) -> str:
         params["port"] = port
     query = f"?{urlencode(params)}" if params else ""
     return f"postgresql+psycopg://{netloc}/{quote(dbname, safe='')}{query}"
-
-
-def with_database(url: str, dbname: str) -> str:
-    """Return the same server's URL pointing at another database."""
-    params = conninfo_to_dict(url)
-    params["dbname"] = dbname
-    return make_conninfo(**params)
 
 
 def connect(url: str, *, autocommit: bool = True, application_name: str = "analysis-executor") -> psycopg.Connection:

@@ -15,7 +15,6 @@ import importlib.util
 import logging
 import os
 import pwd
-import shutil
 import socket
 import subprocess
 import time
@@ -289,8 +288,3 @@ def _wait_until_accepting(url: str, timeout: float = 30.0) -> None:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.1)
-
-
-def remove_data_dir(data_dir: Path | str) -> None:
-    """Delete a stopped server's data folder."""
-    shutil.rmtree(data_dir, ignore_errors=True)

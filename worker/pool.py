@@ -105,10 +105,6 @@ class _Slot:
     def idle(self) -> bool:
         return not self.sent
 
-    @property
-    def running_python(self) -> bool:
-        return bool(self.sent) and self.sent[0].is_python
-
     def kill(self) -> None:
         """SIGKILL the child and the running script's process group."""
         self.kill_job_group()

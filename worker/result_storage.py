@@ -137,25 +137,14 @@ class ResultStore:
             return outcome, None
         data = encode_result(result_json)
         if len(data) > self._max:
-            return {
-                **outcome,
-                "status": "failed",
-                "result_json": None,
-                "error_message": result_too_large(len(data), self._max),
-            }, None
+            return _failed(outcome, result_too_large(len(data), self._max)), None
         if len(data) <= self._inline_max:
             return outcome, None
         try:
             stored = await asyncio.to_thread(self._compress_and_place, job_id, attempt, data)
         except OSError as exc:
             message = f"the result ({format_size(len(data))}) could not be stored: {exc.strerror or exc}"
-            return {
-                **outcome,
-                "status": "failed",
-                "result_json": None,
-                "error_message": message,
-                "retryable": True,
-            }, None
+            return {**_failed(outcome, message), "retryable": True}, None  # not the script's fault
         return {**outcome, "result_json": json.dumps(stored.stub(), separators=(",", ":"))}, stored
 
     def _compress_and_place(self, job_id: str, attempt: int, data: bytes) -> StoredResult:
@@ -197,6 +186,7 @@ class ResultStore:
 
 
 def _failed(outcome: dict[str, Any], message: str) -> dict[str, Any]:
+    """The outcome turned into a failure with ``message`` and no result."""
     return {**outcome, "status": "failed", "result_json": None, "error_message": message}
 
 
