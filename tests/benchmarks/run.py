@@ -187,11 +187,28 @@ def settle_writes(conn: psycopg.Connection) -> None:
         print("  (no CHECKPOINT privilege: setup writes may be flushed during the measurement)", file=sys.stderr)
 
 
-def wait_for_completed(conn: psycopg.Connection, expected: int, timeout: float = 900) -> None:
+def finished_by(procs: list[subprocess.Popen[bytes]]) -> int:
+    """Jobs the workers have finished and recorded, read from their /metrics (no database query)."""
+    total = 0
+    for proc in procs:
+        with urllib.request.urlopen(f"http://127.0.0.1:{proc.port}/metrics", timeout=5) as response:  # type: ignore[attr-defined]
+            for line in response.read().decode().splitlines():
+                if line.startswith("analysis_executor_jobs_finished_total{"):
+                    total += int(float(line.rsplit(" ", 1)[1]))
+    return total
+
+
+def wait_for_completed(procs: list[subprocess.Popen[bytes]], expected: int, timeout: float = 900) -> None:
+    """Wait until the workers have finished ``expected`` jobs.
+
+    Asked of the workers, not the database: counting finished rows would scan
+    the table every time, and with a long history that scan competes with the
+    workers for the CPU it is measuring.
+    """
     deadline = time.monotonic() + timeout
-    while conn.execute("SELECT count(*) FROM analysis_jobs WHERE status = 'completed'").fetchone()[0] < expected:  # type: ignore[index]
+    while finished_by(procs) < expected:
         if time.monotonic() > deadline:
-            raise RuntimeError(f"{expected} jobs not completed after {timeout}s")
+            raise RuntimeError(f"{expected} jobs not finished after {timeout}s")
         time.sleep(0.1)
 
 
@@ -250,7 +267,7 @@ def bench_js_throughput(server_url: str, runs: int, processes: int, jobs: int, c
             analysis = create_analysis(conn, TRIVIAL_JS)
             insert_pending(conn, analysis, jobs)
             with workers(url, processes, "--concurrency", str(concurrency), "--pool-processes", "2") as procs:
-                wait_for_completed(conn, jobs)
+                wait_for_completed(procs, jobs)
                 rss = {
                     "worker_rss_kib": rss_kib(procs[0].pid),
                     "child_rss_kib_max": max((rss_kib(c) for c in child_pids(procs[0].pid)), default=0),
@@ -270,8 +287,8 @@ def bench_python_throughput(server_url: str, runs: int, jobs: int = 2_000, concu
             with fresh_database(server_url) as url, psycopg.connect(url, autocommit=True) as conn:
                 analysis = create_analysis(conn, script_name="trivial")
                 insert_pending(conn, analysis, jobs, vacuum=False)
-                with workers(url, 1, "--concurrency", str(concurrency), "--scripts-dir", scripts):
-                    wait_for_completed(conn, jobs)
+                with workers(url, 1, "--concurrency", str(concurrency), "--scripts-dir", scripts) as procs:
+                    wait_for_completed(procs, jobs)
                 result.values.append(throughput_of_finished(conn))
     return result
 
@@ -284,7 +301,7 @@ def bench_pickup(server_url: str, runs: int, inserts: int = 200, gap: float = 0.
     for _ in range(runs):
         with fresh_database(server_url) as url, psycopg.connect(url, autocommit=True) as conn:
             analysis = create_analysis(conn, TRIVIAL_JS)
-            with workers(url, 1, "--poll-interval-ms", "600000"):
+            with workers(url, 1, "--poll-interval-ms", "600000") as procs:
                 time.sleep(0.5)
                 committed: dict[str, float] = {}
                 for _ in range(inserts):
@@ -293,7 +310,7 @@ def bench_pickup(server_url: str, runs: int, inserts: int = 200, gap: float = 0.
                     ).fetchone()
                     committed[str(row[0])] = time.time()  # type: ignore[index]
                     time.sleep(gap)
-                wait_for_completed(conn, inserts)
+                wait_for_completed(procs, inserts)
             rows = conn.execute(
                 "SELECT id, EXTRACT(EPOCH FROM started_at), EXTRACT(EPOCH FROM started_at - created_at)"
                 " FROM analysis_jobs"
@@ -408,8 +425,8 @@ def bench_scale(
                         conn.execute(QUERIES["claim_jobs"], {"limit": 50, "worker_id": "bench"}).fetchall()
                         timings.append((time.perf_counter() - started) * 1000)
                 claim[history].values.append(statistics.median(timings))
-                with workers(url, 1, "--concurrency", "128", "--pool-processes", "2"):
-                    wait_for_completed(conn, history + warmup_jobs + measured_jobs)
+                with workers(url, 1, "--concurrency", "128", "--pool-processes", "2") as procs:
+                    wait_for_completed(procs, warmup_jobs + measured_jobs)
                 (seconds,) = conn.execute(
                     "SELECT EXTRACT(EPOCH FROM max(completed_at) - min(completed_at)) FROM ("
                     "  SELECT completed_at FROM analysis_jobs WHERE status = 'completed' AND worker_id IS NOT NULL"
@@ -453,7 +470,7 @@ def bench_memory(server_url: str, jobs: int = 100_000, concurrency: int = 128) -
         with workers(url, 1, "--concurrency", str(concurrency), "--pool-processes", "2") as (proc,):
             samples = []
             while True:
-                done = conn.execute("SELECT count(*) FROM analysis_jobs WHERE status = 'completed'").fetchone()[0]  # type: ignore[index]
+                done = finished_by([proc])
                 samples.append((done, rss_kib(proc.pid), max((rss_kib(c) for c in child_pids(proc.pid)), default=0)))
                 if done >= jobs:
                     break
