@@ -192,7 +192,10 @@ class ProcessPool:
         live = [slot for slot in self._slots if not slot.lost]
         planned: dict[_Slot, list[_Task]] = {slot: [] for slot in live}
         kept: collections.deque[_Task] = collections.deque()
-        while self._waiting:
+        # Once no child can take another job, the rest of the queue stays as it is
+        # (with a backlog this loop would otherwise visit every waiting job per outcome).
+        room = sum(1 for slot in live if self._has_room(slot, []))
+        while self._waiting and room:
             task = self._waiting.popleft()
             if task.abandoned:
                 continue
@@ -201,6 +204,9 @@ class ProcessPool:
                 kept.append(task)
             else:
                 planned[slot].append(task)
+                if not self._has_room(slot, planned[slot]):
+                    room -= 1
+        kept.extend(self._waiting)
         self._waiting = kept
         for slot, tasks in planned.items():
             if tasks:
@@ -208,6 +214,14 @@ class ProcessPool:
                 slot.send(tasks)
                 if was_idle:
                     self._arm_deadline(slot)
+
+    def _has_room(self, slot: _Slot, planned: list[_Task]) -> bool:
+        """True while the child can still be sent a job (an idle one can take a Python script)."""
+        load = len(slot.sent) + len(planned)
+        if load == 0:
+            return True
+        last = planned[-1] if planned else slot.sent[-1]
+        return load < self.prefetch and not last.is_python
 
     def _choose_slot(self, task: _Task, planned: dict[_Slot, list[_Task]]) -> _Slot | None:
         """The least loaded child that can take the task, or None."""

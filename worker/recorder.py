@@ -212,7 +212,7 @@ class Recorder:
             columns["attempts"].append(item.job.attempt)
             columns["statuses"].append(outcome["status"])
             columns["retry"].append(item.retry)
-            columns["results"].append(_JSON_NUL.sub(r"\1\\ufffd", _text(result)) if result is not None else None)
+            columns["results"].append(_storable_json(result))
             columns["errors"].append(_text(outcome.get("error_message")))
             columns["stdouts"].append(_text(outcome.get("stdout")))
             columns["stderrs"].append(_text(outcome.get("stderr")))
@@ -249,6 +249,14 @@ def _text(value: str | None) -> str | None:
     if value.isascii():
         return value.replace("\x00", "\ufffd")
     return value.encode("utf-8", "surrogatepass").decode("utf-8", "replace").replace("\x00", "\ufffd")
+
+
+def _storable_json(text: str | None) -> str | None:
+    """JSON text jsonb accepts: an escaped NUL (``\\u0000``) becomes U+FFFD."""
+    if text is None:
+        return None
+    text = _text(text) or ""
+    return _JSON_NUL.sub(r"\1\\ufffd", text) if "\\u0000" in text else text
 
 
 def _one_line(exc: BaseException) -> str:

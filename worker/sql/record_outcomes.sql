@@ -3,12 +3,13 @@
 -- re-claimed meanwhile is left alone (and missing from RETURNING).
 -- A retryable outcome with attempts left goes back to 'pending' with a
 -- backoff; everything else is final. Rows are locked in id order, as the
--- heartbeat locks them, so the two never deadlock.
+-- heartbeat locks them, so the two never deadlock. The arrays go in binary
+-- format: the text format escapes every element on the client.
 WITH outcome AS (
     SELECT *
     FROM unnest(
-        %(ids)s::uuid[], %(attempts)s::int[], %(statuses)s::text[], %(retry)s::boolean[],
-        %(results)s::text[], %(errors)s::text[], %(stdouts)s::text[], %(stderrs)s::text[], %(exit_codes)s::int[]
+        %(ids)b::uuid[], %(attempts)b::int[], %(statuses)b::text[], %(retry)b::boolean[],
+        %(results)b::text[], %(errors)b::text[], %(stdouts)b::text[], %(stderrs)b::text[], %(exit_codes)b::int[]
     ) AS o (id, attempt, status, retry, result, error_message, stdout, stderr, exit_code)
 ),
 mine AS (
