@@ -251,6 +251,12 @@ def _add_worker_options(parser: argparse.ArgumentParser) -> None:
         help="pool child processes (env POOL_PROCESSES; default: one per concurrent job)",
     )
     parser.add_argument(
+        "--pool-allocator",
+        choices=("auto", "mimalloc", "system"),
+        default=None,
+        help="malloc of the pool children (env POOL_ALLOCATOR; default auto: mimalloc when installed)",
+    )
+    parser.add_argument(
         "--poll-interval-ms", type=int, default=None, help="fallback poll interval (env POLL_INTERVAL_MS; default 5000)"
     )
     parser.add_argument(
@@ -273,8 +279,8 @@ def _add_worker_options(parser: argparse.ArgumentParser) -> None:
 
 def _worker_settings(args: argparse.Namespace, **overrides: Any) -> Settings:
     names = (
-        "database_url", "port", "host", "log_level", "log_format", "concurrency", "pool_processes", "poll_interval_ms",
-        "scripts_dir", "python_executable", "worker_id", "listen",
+        "database_url", "port", "host", "log_level", "log_format", "concurrency", "pool_processes", "pool_allocator",
+        "poll_interval_ms", "scripts_dir", "python_executable", "worker_id", "listen",
     )  # fmt: skip
     values = {name: getattr(args, name, None) for name in names}
     values.update(overrides)

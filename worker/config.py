@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
+from worker.allocator import ALLOCATORS
 from worker.db import InvalidDatabaseURL, validate_database_url
 
 DEFAULT_RESULT_MAX_BYTES = 16 * 1024 * 1024
@@ -40,6 +41,7 @@ class Settings:
     log_format: str = "text"
     concurrency: int = 5
     pool_processes: int | None = None
+    pool_allocator: str = "auto"
     poll_interval_ms: int = 5000
     default_timeout_ms: int = 300_000
     default_memory_limit_mb: int = 256
@@ -96,6 +98,7 @@ _ENV_NAMES = {
     "log_format": "LOG_FORMAT",
     "concurrency": "MAX_CONCURRENT_JOBS",
     "pool_processes": "POOL_PROCESSES",
+    "pool_allocator": "POOL_ALLOCATOR",
     "poll_interval_ms": "POLL_INTERVAL_MS",
     "default_timeout_ms": "JOB_TIMEOUT_MS",
     "default_memory_limit_mb": "JOB_MEMORY_LIMIT_MB",
@@ -186,6 +189,10 @@ def load_settings(overrides: Mapping[str, object], environ: Mapping[str, str] | 
     if log_format not in ("text", "json"):
         raise ConfigError(f"{_ENV_NAMES['log_format']}: unknown log format {log_format!r} (text, json)")
     values["log_format"] = log_format
+    allocator = str(values.get("pool_allocator", "auto")).lower()
+    if allocator not in ALLOCATORS:
+        raise ConfigError(f"{_ENV_NAMES['pool_allocator']}: unknown allocator {allocator!r} ({', '.join(ALLOCATORS)})")
+    values["pool_allocator"] = allocator
     values["datasources"] = load_datasources(
         str(values["database_url"]), env, str(values.pop("datasources_file", "")) or None
     )

@@ -25,8 +25,10 @@ import os
 import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+from worker.allocator import child_environment
 from worker.runtimes.protocol import HEADER, decode_payload, encode_frame, outcome
 
 log = logging.getLogger(__name__)
@@ -66,8 +68,10 @@ class _Task:
 class _Slot:
     """One child process and the jobs sent to it, in order; the first is running."""
 
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, env: dict[str, str] | None = None) -> None:
         self.index = index
+        self.env = env
+        self.allocator = "system"
         self.proc: asyncio.subprocess.Process | None = None
         self.sent: collections.deque[_Task] = collections.deque()
         self.job_pgid: int | None = None
@@ -84,10 +88,12 @@ class _Slot:
             stdout=asyncio.subprocess.PIPE,
             start_new_session=True,  # terminal Ctrl-C goes to the worker, which decides
             limit=_STREAM_LIMIT,
+            env=self.env,
         )
         ready = await asyncio.wait_for(self.read(), _START_TIMEOUT_SECONDS)
         if ready.get("event") != "ready":
             raise RuntimeError(f"pool child sent {ready!r} instead of ready")
+        self.allocator = str(ready.get("allocator", "system"))
 
     async def read(self) -> dict[str, Any]:
         assert self.proc is not None and self.proc.stdout is not None
@@ -134,8 +140,18 @@ class _Slot:
 class ProcessPool:
     """``size`` supervised child processes; ``run(job)`` returns the job's outcome."""
 
-    def __init__(self, size: int, *, prefetch: int = 8, on_respawn: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        size: int,
+        *,
+        prefetch: int = 8,
+        on_respawn: Callable[[str], None] | None = None,
+        preload: Path | None = None,
+    ) -> None:
         self.size = size
+        self.preload = preload
+        self._child_env = child_environment(preload)
+        self.allocator = "system"
         self.prefetch = max(1, prefetch)
         # A busy child is topped up only once half its queue is done: fewer, larger writes.
         self._refill_below = max(1, self.prefetch // 2)
@@ -148,11 +164,14 @@ class ProcessPool:
 
     async def start(self) -> None:
         """Start every child; raises if one cannot start."""
-        slots = [_Slot(i) for i in range(self.size)]
+        slots = [_Slot(i, self._child_env) for i in range(self.size)]
         await asyncio.gather(*(slot.start() for slot in slots))
         for slot in slots:
             self._adopt(slot)
-        log.info("process pool started with %d children", self.size)
+        self.allocator = slots[0].allocator
+        if self.preload is not None and self.allocator != "mimalloc":
+            log.warning("pool children could not preload %s; they use the system allocator", self.preload)
+        log.info("process pool started with %d children (allocator: %s)", self.size, self.allocator)
 
     async def run(self, job: dict[str, Any]) -> dict[str, Any]:
         """Run one job (waiting for a child if needed); never raises for job faults.
@@ -331,7 +350,7 @@ class ProcessPool:
     async def _respawn(self, index: int) -> None:
         delay = 0.1
         while not self._closed:
-            slot = _Slot(index)
+            slot = _Slot(index, self._child_env)
             try:
                 await slot.start()
             except (OSError, RuntimeError, TimeoutError, asyncio.IncompleteReadError) as exc:

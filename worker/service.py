@@ -25,6 +25,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from worker import __version__
+from worker.allocator import AllocatorUnavailable, child_preload
 from worker.config import Settings
 from worker.datasources import Datasources
 from worker.db import CONNECT_TIMEOUT_SECONDS, redact_database_url
@@ -129,12 +130,17 @@ class Worker:
         heartbeat = None
         try:
             await self._check_schema(db_pool)
+            try:
+                preload = child_preload(settings.pool_allocator)
+            except AllocatorUnavailable as exc:
+                raise WorkerStartupError(str(exc)) from None
             self._pool = ProcessPool(
                 settings.processes,
                 # One process per concurrent job (the default) needs no queue in the
                 # children; fewer processes than jobs do, to stay busy.
                 prefetch=1 if settings.processes >= settings.concurrency else 8,
                 on_respawn=lambda reason: self.metrics.pool_restarts.labels(reason).inc(),
+                preload=preload,
             )
             await self._pool.start()
             results = ResultStore(settings)

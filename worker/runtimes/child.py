@@ -15,6 +15,7 @@ import sys
 import traceback
 from typing import BinaryIO
 
+from worker.allocator import allocator_in_use
 from worker.runtimes.protocol import outcome, read_frame, write_frame
 from worker.runtimes.python import become_subreaper, die_with_parent, run_python_script
 
@@ -23,7 +24,7 @@ def serve(requests: BinaryIO, replies: BinaryIO) -> None:
     """Answer job frames until end of input."""
     from worker.runtimes.javascript import run_javascript
 
-    write_frame(replies, {"event": "ready", "pid": os.getpid()})
+    write_frame(replies, {"event": "ready", "pid": os.getpid(), "allocator": allocator_in_use()})
     while (job := read_frame(requests)) is not None:
         try:
             if job["runtime"] == "javascript":
