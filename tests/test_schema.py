@@ -369,3 +369,40 @@ def test_cancelling_replaces_an_earlier_attempts_error_unless_a_reason_is_given(
         "SELECT error_message, completed_at IS NOT NULL FROM analysis_jobs ORDER BY created_at"
     ).fetchall()
     assert sorted(rows) == [("cancelled", True), ("duplicate", True)]
+
+
+def test_attempt_history_records_every_spent_attempt_but_a_first_one_that_completed(
+    db: psycopg.Connection, analysis_id: str
+) -> None:
+    def job() -> str:
+        row = db.execute(
+            "INSERT INTO analysis_jobs (analysis_id, status, attempts, worker_id, started_at)"
+            " VALUES (%s, 'running', 1, 'w1', now()) RETURNING id",
+            (analysis_id,),
+        ).fetchone()
+        assert row is not None
+        return str(row[0])
+
+    def end(job_id: str, status: str, attempts_delta: int = 0) -> None:
+        db.execute(
+            "UPDATE analysis_jobs SET status = %s, attempts = attempts + %s WHERE id = %s",
+            (status, attempts_delta, job_id),
+        )
+
+    completed, retried, handed_back, failed, cancelled = job(), job(), job(), job(), job()
+    end(completed, "completed")
+    end(retried, "pending")
+    db.execute("UPDATE analysis_jobs SET status = 'running', attempts = 2 WHERE id = %s", (retried,))
+    end(retried, "completed")
+    end(handed_back, "pending", -1)  # a graceful hand-back at shutdown gives the attempt back
+    end(failed, "failed")
+    end(cancelled, "cancelled")
+    rows = db.execute("SELECT job_id::text, attempt, outcome FROM analysis_job_attempts").fetchall()
+    assert sorted(rows) == sorted(
+        [(retried, 1, "retried"), (retried, 2, "completed"), (failed, 1, "failed"), (cancelled, 1, "cancelled")]
+    )
+    # The common case costs no trigger call at all: the WHEN clause filters it out.
+    (when,) = db.execute(
+        "SELECT pg_get_triggerdef(oid) FROM pg_trigger WHERE tgname = 'analysis_jobs_record_attempt'"
+    ).fetchone()  # type: ignore[misc]
+    assert "NOT ((new.status = 'completed'::text) AND (old.attempts = 1))" in when

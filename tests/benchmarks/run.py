@@ -39,6 +39,7 @@ import quickjs
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from tests.processes import child_pids, rss_kib
+from worker.allocator import child_environment, mimalloc_library
 from worker.embedded import EmbeddedPostgres
 from worker.migrate import apply_migrations
 from worker.queries import QUERIES
@@ -438,27 +439,44 @@ def bench_scale(
     return [claim[0], claim[finished], rate[0], rate[finished]]
 
 
-def bench_runtime_only(runs: int, jobs: int = 5_000) -> Measurement:
-    """The JavaScript runtime alone, in-process: fresh context + call, per job."""
-    result = Measurement("JavaScript runtime alone (fresh context + call)", "µs/job")
+def runtime_loop(jobs: int) -> dict[str, float]:
+    """µs per job of our wrapper (fresh context + call) and of a bare context + call, in this process."""
     job = {
         "source": TRIVIAL_JS, "parameters_json": "{}", "context_json": "{}", "timeout_ms": 1000, "memory_limit_mb": 64,
         "stack_limit_kb": 1024, "output_max_bytes": 1 << 20, "result_max_bytes": 1 << 24,
     }  # fmt: skip
-    for _ in range(runs):
-        started = time.perf_counter()
-        for _ in range(jobs):
-            run_javascript(job)
-        result.values.append((time.perf_counter() - started) / jobs * 1e6)
-    bare = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        for _ in range(jobs):
-            context = quickjs.Context()
-            context.eval("(function analyze(p) { return {result: 'success'}; })({})")
-        bare.append((time.perf_counter() - started) / jobs * 1e6)
-    result.extra["bare_quickjs_context_and_call_us"] = statistics.median(bare)
-    return result
+    started = time.perf_counter()
+    for _ in range(jobs):
+        run_javascript(job)
+    wrapper = (time.perf_counter() - started) / jobs * 1e6
+    started = time.perf_counter()
+    for _ in range(jobs):
+        context = quickjs.Context()
+        context.eval("(function analyze(p) { return {result: 'success'}; })({})")
+    return {"wrapper": wrapper, "bare": (time.perf_counter() - started) / jobs * 1e6}
+
+
+def bench_runtime_only(runs: int, jobs: int = 5_000) -> list[Measurement]:
+    """The JavaScript runtime alone: fresh context + call, per job, with each allocator a child can have."""
+    allocators: dict[str, Path | None] = {"system malloc": None}
+    if (library := mimalloc_library()) is not None:
+        allocators["mimalloc, as pool children run it"] = library
+    results = []
+    for label, preload in allocators.items():
+        result = Measurement(f"JavaScript runtime alone (fresh context + call), {label}", "µs/job")
+        bare = []
+        for _ in range(runs):
+            # A process of its own: the allocator is chosen when a process starts.
+            code = f"import json, tests.benchmarks.run as b; print(json.dumps(b.runtime_loop({jobs})))"
+            output = subprocess.run(
+                [sys.executable, "-c", code], env=child_environment(preload), check=True, capture_output=True, text=True
+            ).stdout
+            figures = json.loads(output.strip().splitlines()[-1])
+            result.values.append(figures["wrapper"])
+            bare.append(figures["bare"])
+        result.extra["bare_quickjs_context_and_call_us"] = statistics.median(bare)
+        results.append(result)
+    return results
 
 
 def bench_memory(server_url: str, jobs: int = 100_000, concurrency: int = 128) -> Measurement:
@@ -540,7 +558,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 WORKLOADS: dict[str, Callable[[str, int], list[Measurement]]] = {
     "baseline": lambda url, runs: [bench_baseline(url, runs)],
-    "runtime": lambda url, runs: [bench_runtime_only(runs)],
+    "runtime": lambda url, runs: bench_runtime_only(runs),
     "pickup": lambda url, runs: bench_pickup(url, runs),
     "throughput": lambda url, runs: [
         bench_js_throughput(url, runs, processes=1, jobs=20_000, concurrency=128),
