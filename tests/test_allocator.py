@@ -86,3 +86,11 @@ def test_children_run_on_mimalloc_with_every_limit_intact(tmp_path: Path) -> Non
 def test_system_allocator_children_do_not_preload() -> None:
     allocator, (ok,) = asyncio.run(run_jobs(None, [job(source="export default () => 1;")]))
     assert (allocator, ok["status"], ok["result_json"]) == ("system", "completed", "1")
+
+
+def test_a_library_that_cannot_be_preloaded_leaves_the_children_on_the_system_allocator(tmp_path: Path) -> None:
+    broken = tmp_path / "libmimalloc.so.3"
+    broken.write_bytes(b"not a shared library")
+    allocator, (ok,) = asyncio.run(run_jobs(broken, [job(source="export default () => 2;")]))
+    # The pool reports what the children actually run on, so POOL_ALLOCATOR=mimalloc can refuse to start.
+    assert (allocator, ok["status"], ok["result_json"]) == ("system", "completed", "2")

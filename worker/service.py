@@ -143,6 +143,11 @@ class Worker:
                 preload=preload,
             )
             await self._pool.start()
+            if settings.pool_allocator == "mimalloc" and self._pool.allocator != "mimalloc":
+                raise WorkerStartupError(
+                    f"POOL_ALLOCATOR=mimalloc, but the pool children could not preload {preload} "
+                    "(their stderr says why)"
+                )
             results = ResultStore(settings)
             self._recorder = Recorder(settings.database_url, settings.worker_id, self.metrics, results)
             executor = self._executor = Executor(
