@@ -298,6 +298,31 @@ def test_a_role_that_may_only_insert_jobs_can_submit_while_a_worker_waits(
         db.execute(f"DROP ROLE {role}")
 
 
+def test_a_submitters_search_path_cannot_redirect_the_check(
+    db: psycopg.Connection, database_url: str, analysis_id: str
+) -> None:
+    """The check runs with the migration's search_path, not the submitter's lookalike table."""
+    schema = f"shadow_{uuid.uuid4().hex[:8]}"
+    db.execute(f"CREATE SCHEMA {schema}")
+    try:
+        db.execute(f"CREATE TABLE {schema}.analysis_workers (id text, waiting boolean)")
+        db.execute(f"INSERT INTO {schema}.analysis_workers VALUES ('decoy', true)")
+        _worker(db, waiting=False)
+        with _listener(database_url) as listener, psycopg.connect(database_url) as submitter:
+            submitter.execute(f"SET search_path = {schema}, public")
+            submitter.execute("INSERT INTO public.analysis_jobs (analysis_id) VALUES (%s)", (analysis_id,))
+            submitter.commit()
+            assert _drain(listener) == []  # the real table has nobody waiting
+            db.execute("UPDATE analysis_workers SET waiting = true")
+            submitter.execute("INSERT INTO public.analysis_jobs (analysis_id) VALUES (%s)", (analysis_id,))
+            submitter.commit()
+            assert len(_drain(listener)) == 1
+        assert _waiting(db) == []
+        assert db.execute(f"SELECT waiting FROM {schema}.analysis_workers").fetchone() == (True,)
+    finally:
+        db.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
 @pytest.mark.parametrize("isolation", ["REPEATABLE READ", "SERIALIZABLE"])
 def test_insert_above_read_committed_always_notifies(
     db: psycopg.Connection, database_url: str, analysis_id: str, isolation: str

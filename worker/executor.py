@@ -163,7 +163,7 @@ class Executor:
         """Set this worker's waiting flag; return once no submitter can have missed it.
 
         Submitters hold an advisory lock shared from their idle-worker check
-        to their commit (migration 0006); once it can be taken exclusively,
+        to their commit (migrations 0006, 0008); once it can be taken exclusively,
         every submitter that checked before the flag was visible has
         committed, so the claim that follows sees its jobs. The lock is only
         tried, never waited for, so a worker never stalls submitters; if it

@@ -337,11 +337,12 @@ def bench_submission(server_url: str, runs: int, seconds: float = 10.0, clients:
     """
     variants = [("trigger on, no worker", True, False), ("trigger off", False, False)]
     variants.append(("trigger on, 1 worker claiming the jobs as they arrive", True, True))
-    measured = []
-    for label, trigger, with_worker in variants:
-        result = Measurement(f"submission rate, {clients} clients, {label}", "inserts/s")
-        notified: list[float] = []
-        for _ in range(runs):
+    measured = [Measurement(f"submission rate, {clients} clients, {label}", "inserts/s") for label, _, _ in variants]
+    notified: list[list[float]] = [[] for _ in variants]
+    # Interleaved (on, off, worker, on, off, ...), so a drift of the host's speed
+    # during the run does not land on one variant only.
+    for _ in range(runs):
+        for index, (_, trigger, with_worker) in enumerate(variants):
             with fresh_database(server_url) as url, psycopg.connect(url, autocommit=True) as conn:
                 analysis = create_analysis(conn, TRIVIAL_JS)
                 if not trigger:
@@ -362,10 +363,10 @@ def bench_submission(server_url: str, runs: int, seconds: float = 10.0, clients:
                     for thread in threads:
                         thread.join()
                     notifications = sum(1 for _ in listener.notifies(timeout=1.0))
-                result.values.append(sum(counts) / seconds)
-                notified.append(notifications / max(1, sum(counts)))
-        result.extra["notifying_transactions_share"] = statistics.median(notified)
-        measured.append(result)
+                measured[index].values.append(sum(counts) / seconds)
+                notified[index].append(notifications / max(1, sum(counts)))
+    for result, shares in zip(measured, notified, strict=True):
+        result.extra["notifying_transactions_share"] = statistics.median(shares)
     measured[0].extra["ratio_to_no_trigger"] = measured[0].median / measured[1].median
     measured[2].extra["ratio_to_no_trigger"] = measured[2].median / measured[1].median
     return measured
