@@ -16,6 +16,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -162,6 +163,75 @@ def test_registry_lists_live_workers_and_forgets_dead_ones(
     )
     survivor.stop()
     assert db.execute("SELECT count(*) FROM analysis_workers").fetchone() == (0,)
+
+
+# --- claims: jobs start while the claim commits ---------------------------------
+
+
+def _at_claim_commit(db: psycopg.Connection, body: str) -> None:
+    """Run ``body`` (plpgsql) inside every claim's COMMIT, once per claimed row."""
+    db.execute(f"CREATE FUNCTION test_at_claim_commit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN {body} END $$")
+    db.execute(
+        "CREATE CONSTRAINT TRIGGER test_at_claim_commit AFTER UPDATE ON analysis_jobs"
+        " DEFERRABLE INITIALLY DEFERRED FOR EACH ROW"
+        " WHEN (OLD.status = 'pending' AND NEW.status = 'running')"
+        " EXECUTE FUNCTION test_at_claim_commit()"
+    )
+
+
+def _timed(ms: int) -> str:
+    """A JavaScript analysis that returns when it started ({t: epoch ms}) after ``ms`` of work."""
+    body = f"const t = Date.now(); while (Date.now() < t + {ms}) {{}} return {{t}};"
+    return f"export default function analyze() {{ {body} }}"
+
+
+def _epoch(value: Any) -> float:
+    return float(value.timestamp())
+
+
+def test_javascript_starts_before_its_claim_commits_and_is_recorded_only_after(
+    db: psycopg.Connection, start_worker: Callable[..., WorkerProcess], scripts_dir: Path
+) -> None:
+    """A slow claim COMMIT (1.5 s): the script already runs; its result, a Python script and leases wait for it."""
+    _at_claim_commit(db, "PERFORM pg_sleep(1.5); RETURN NULL;")
+    # Runs 1 s, across three heartbeats of the 1 s lease: none may take it for a lost job.
+    js = create_analysis(db, script=_timed(1000))
+    (scripts_dir / "clock.py").write_text("import json, time\nprint(json.dumps({'t': time.time() * 1000}))\n")
+    py = create_analysis(db, script_name="clock.py")
+    start_worker(env=SHORT_LEASE)
+    rows = wait_for_jobs(db, [submit(db, js), submit(db, py)], timeout=60)
+    for row in rows.values():
+        assert row["status"] == "completed", row["error_message"]
+        assert row["attempts"] == 1
+        started = _epoch(row["started_at"])  # when the claim's transaction began
+        assert _epoch(row["completed_at"]) >= started + 1.5  # nothing is recorded before the claim commits
+        script_ran_at = row["result"]["t"] / 1000
+        if str(row["analysis_id"]) == js:
+            assert script_ran_at < started + 1.0, "the JavaScript job waited for the claim's commit"
+        else:
+            assert script_ran_at >= started + 1.5, "a Python script started before its claim committed"
+
+
+def test_a_claim_whose_commit_fails_stops_its_started_job_which_runs_again(
+    db: psycopg.Connection, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    db.execute("CREATE SEQUENCE test_claim_commits")
+    _at_claim_commit(
+        db,
+        "IF nextval('test_claim_commits') = 1 THEN RAISE EXCEPTION 'injected: the claim cannot commit'; END IF;"
+        " RETURN NULL;",
+    )
+    js = create_analysis(db, script=_timed(2000))
+    worker = start_worker()
+    job_id = submit(db, js)
+    row = wait_for_jobs(db, [job_id], timeout=60)[job_id]
+    assert row["status"] == "completed", row["error_message"]
+    assert row["attempts"] == 1  # the failed claim never happened, as far as the row knows
+    # The recorded run is the one of the claim that committed, not the first one.
+    assert row["result"]["t"] / 1000 >= _epoch(row["started_at"])
+    assert attempts_history(db, job_id) == []
+    assert f"Job {job_id} stopped: claim not committed" in worker.output()
+    assert "injected: the claim cannot commit" in worker.output()
 
 
 # --- retries -----------------------------------------------------------------

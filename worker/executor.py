@@ -52,6 +52,31 @@ _BACKLOG_RECHECK_SECONDS = 0.05
 CANCELLED = "cancelled"  # a user cancelled it: the row is already 'cancelled'
 LEASE_LOST = "lease lost"  # the row is no longer ours: another attempt owns it now
 SHUTDOWN = "shutdown"  # the grace period ran out: hand it back to 'pending'
+CLAIM_FAILED = "claim not committed"  # the claim's COMMIT failed: the row may not be ours
+
+# Pipeline mode (libpq 14 or later) lets a claim's jobs start before its commit is flushed.
+_PIPELINES = psycopg.AsyncPipeline.is_supported()
+
+
+class _Claim:
+    """The commit of one claim, which its jobs wait for before anything of theirs leaves the worker."""
+
+    def __init__(self) -> None:
+        self._done = asyncio.Event()
+        self.committed = False
+
+    @property
+    def settled(self) -> bool:
+        return self._done.is_set()
+
+    def settle(self, *, committed: bool) -> None:
+        self.committed = committed
+        self._done.set()
+
+    async def wait(self) -> bool:
+        """True once the claim committed; False if it did not."""
+        await self._done.wait()
+        return self.committed
 
 
 class Executor:
@@ -87,6 +112,8 @@ class Executor:
         self._executing: dict[tuple[str, int], tuple[ClaimedJob, asyncio.Task[None]]] = {}
         self._interrupted: dict[tuple[str, int], str] = {}
         self._released: list[ClaimedJob] = []
+        # Started while their claim's COMMIT is still on its way (see _claim_and_start).
+        self._unconfirmed: set[tuple[str, int]] = set()
         self._claiming = True
         self._backlog = False
         # With a backlog, refill in batches rather than one claim per finished job:
@@ -104,8 +131,8 @@ class Executor:
         return [job for job, _ in self._executing.values()]
 
     def held(self) -> list[ClaimedJob]:
-        """Every job this worker claimed and has not recorded yet (running or being written)."""
-        return [job for job, _ in self._running.values()]
+        """Every job this worker claimed (and committed the claim of) and has not recorded yet."""
+        return [job for key, (job, _) in self._running.items() if key not in self._unconfirmed]
 
     async def run(self) -> None:
         """Claim on every wake-up until claiming stops."""
@@ -126,17 +153,14 @@ class Executor:
             self._backlog = True
             return 0
         try:
-            jobs = await self._claim(free)
-            self._start(jobs)
+            jobs = await self._claim_and_start(free)
             self._backlog = len(jobs) == free
             if not self._backlog and self._wakeups.announce_idle and self._settings.listen:
                 # Out of work: ask submitters to notify us, then look once more
                 # for jobs committed by those that checked before they could see it.
                 self._wakeups.announce_idle = False
                 await self._announce_waiting()
-                more = await self._claim(free - len(jobs))
-                self._start(more)
-                jobs += more
+                jobs += await self._claim_and_start(free - len(jobs))
                 self._backlog = len(jobs) == free
             if not self._backlog:
                 await self._set_timer_for_next_due_job()
@@ -151,13 +175,49 @@ class Executor:
         self.database_ok = True
         return len(jobs)
 
-    async def _claim(self, limit: int) -> list[ClaimedJob]:
+    async def _claim_and_start(self, limit: int) -> list[ClaimedJob]:
+        """Claim up to ``limit`` due jobs and start them; return them.
+
+        The claim's rows arrive before its COMMIT, whose WAL flush is most of a
+        claim's time: the statement is sent in a pipeline and the Sync that
+        commits it only after its rows are read, so JavaScript jobs are
+        already in their children while the commit completes. Nothing
+        escapes before it does: a JavaScript script has no effect but its
+        result, which is recorded only after the commit; a Python script,
+        which can act on the world, starts only then; and if the commit
+        fails, the jobs are stopped and dropped (a claim that did commit
+        after all is rescued when its lease runs out).
+        """
         conn = await self._claim_conn.get()
-        async with conn.cursor(row_factory=dict_row) as cur:
-            await cur.execute(
-                QUERIES["claim_jobs"], {"limit": limit, "worker_id": self._settings.worker_id}, prepare=True
-            )
-            return [ClaimedJob.from_row(row) for row in await cur.fetchall()]
+        params = {"limit": limit, "worker_id": self._settings.worker_id}
+        claim = _Claim()
+        jobs: list[ClaimedJob] = []
+        try:
+            if not _PIPELINES:
+                async with conn.cursor(row_factory=dict_row) as cur:
+                    await cur.execute(QUERIES["claim_jobs"], params, prepare=True)
+                    jobs = [ClaimedJob.from_row(row) for row in await cur.fetchall()]
+                claim.settle(committed=True)
+                self._start(jobs, claim)
+                return jobs
+            async with conn.pipeline() as pipeline:
+                async with conn.cursor(row_factory=dict_row) as cur:
+                    await cur.execute(QUERIES["claim_jobs"], params, prepare=True)
+                    jobs = [ClaimedJob.from_row(row) for row in await cur.fetchall()]
+                if jobs:
+                    self._start(jobs, claim)
+                    await asyncio.sleep(0)  # let the job tasks hand their scripts to the pool,
+                    self._pool.send_waiting()  # which sends them before we wait for the commit
+                await pipeline.sync()  # commits (raising the server's error if it cannot)
+            claim.settle(committed=True)
+            return jobs
+        finally:
+            if not claim.settled:
+                claim.settle(committed=False)
+                for job in jobs:
+                    self.interrupt(job.id, CLAIM_FAILED, job.attempt)
+            for job in jobs:
+                self._unconfirmed.discard((job.id, job.attempt))
 
     async def _announce_waiting(self) -> None:
         """Set this worker's waiting flag; return once no submitter can have missed it.
@@ -187,12 +247,14 @@ class Executor:
             await asyncio.sleep(delay)
             delay = min(delay * 2, _SETTLE_MAX_DELAY_SECONDS)
 
-    def _start(self, jobs: list[ClaimedJob]) -> None:
+    def _start(self, jobs: list[ClaimedJob], claim: _Claim) -> None:
         self._lifecycle.claimed(jobs)
         for job in jobs:
-            task = asyncio.create_task(self._run_job(job), name=f"job-{job.id}")
+            task = asyncio.create_task(self._run_job(job, claim), name=f"job-{job.id}")
             task.add_done_callback(_log_unexpected_error)
             self._running[(job.id, job.attempt)] = (job, task)
+            if not claim.settled:
+                self._unconfirmed.add((job.id, job.attempt))
 
     async def _set_timer_for_next_due_job(self) -> None:
         conn = await self._claim_conn.get()
@@ -215,7 +277,7 @@ class Executor:
                 stopped = True
         return stopped
 
-    async def _run_job(self, job: ClaimedJob) -> None:
+    async def _run_job(self, job: ClaimedJob, claim: _Claim) -> None:
         started = time.monotonic()
         task = asyncio.current_task()
         assert task is not None
@@ -225,7 +287,7 @@ class Executor:
         self._executing[key] = (job, task)
         try:
             try:
-                result = await self._execute(job)
+                result = await self._execute(job, claim)
             except asyncio.CancelledError:
                 reason = self._interrupted.pop(key, None)
                 if reason is None:
@@ -235,6 +297,9 @@ class Executor:
                 self._after_interruption(job, reason, time.monotonic() - started)
                 return
             self._executing.pop(key, None)
+            if not await claim.wait():
+                self._lifecycle.interrupted(job, CLAIM_FAILED)
+                return
             # Past this point nothing interrupts the job: a large result's file,
             # once written, is either recorded or removed by the recorder.
             result, large = await self._results.prepare(job.id, job.attempt, result)
@@ -268,7 +333,7 @@ class Executor:
             return True
         return job.retry_script_errors and result["status"] in ("failed", "timeout")
 
-    async def _execute(self, job: ClaimedJob) -> dict[str, Any]:
+    async def _execute(self, job: ClaimedJob, claim: _Claim) -> dict[str, Any]:
         if not job.is_active:
             return outcome("failed", error_message=f"analysis {job.analysis_id} is inactive (is_active = false)")
         script_path = None
@@ -286,6 +351,8 @@ class Executor:
             return {**outcome("failed", error_message=str(exc)), "retryable": exc.retryable}
         if script_path is not None:
             message["script_path"] = script_path
+            if not await claim.wait():  # dropped by _run_job: the job is not ours
+                return outcome("failed", error_message=CLAIM_FAILED)
         return await self._pool.run(message)
 
     async def _fetch_datasets(self, job: ClaimedJob) -> dict[str, Any] | None:

@@ -194,6 +194,11 @@ class ProcessPool:
             self._abandon(task)
             raise
 
+    def send_waiting(self) -> None:
+        """Send the jobs submitted so far now, instead of at the end of this turn of the event loop."""
+        if self._dispatch_scheduled:
+            self._dispatch()
+
     def child_pids(self) -> list[int]:
         """Pids of the live children (for tests and diagnostics)."""
         return [slot.proc.pid for slot in self._slots if slot.proc is not None]

@@ -22,10 +22,14 @@ from worker.runtimes.python import become_subreaper, die_with_parent, run_python
 
 def serve(requests: BinaryIO, replies: BinaryIO) -> None:
     """Answer job frames until end of input."""
-    from worker.runtimes.javascript import run_javascript
+    from worker.runtimes.javascript import prepare_context, run_javascript
 
     write_frame(replies, {"event": "ready", "pid": os.getpid(), "allocator": allocator_in_use()})
-    while (job := read_frame(requests)) is not None:
+    while True:
+        prepare_context()  # while no job is waiting, this costs the next one nothing
+        job = read_frame(requests)
+        if job is None:
+            break
         try:
             if job["runtime"] == "javascript":
                 result = run_javascript(job)
