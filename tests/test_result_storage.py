@@ -282,7 +282,7 @@ def test_retention_deletes_stored_results_with_their_jobs_and_the_files_of_delet
 def _claimed(job_id: str, analysis_id: str, attempt: int) -> ClaimedJob:
     now = datetime.now(UTC)
     return ClaimedJob(
-        id=job_id, analysis_id=analysis_id, parameters_json="{}", attempt=attempt, max_attempts=3,
+        id=job_id, analysis_id=analysis_id, priority=0, parameters_json="{}", attempt=attempt, max_attempts=3,
         created_at=now, run_at=now, started_at=now, analysis_version=1, is_active=True, runtime="javascript",
         script_content="", script_name=None, timeout_ms=None, memory_limit_mb=None, retry_script_errors=False,
         dependencies_json=None,

@@ -7,7 +7,9 @@ import uuid
 import psycopg
 import pytest
 from psycopg import errors
+from psycopg.rows import dict_row
 
+from worker.lifecycle import in_claim_order
 from worker.queries import JOBS_PENDING_CHANNEL, QUERIES
 
 SEED_TABLES = {
@@ -335,16 +337,26 @@ def test_insert_above_read_committed_always_notifies(
         assert len(_drain(listener)) == 1
 
 
-def _claim_plan(db: psycopg.Connection) -> str:
+def _claim_plan(db: psycopg.Connection, *, generic: bool = False) -> str:
+    """The claim's plan for 10 jobs: as planned for these values, or the generic plan the worker uses."""
     db.execute("ANALYZE analysis_jobs")
     with db.transaction():
-        plan = db.execute("EXPLAIN (FORMAT TEXT) " + QUERIES["claim_jobs"], {"limit": 10, "worker_id": "w"}).fetchall()
+        if generic:
+            statement = QUERIES["claim_jobs"].replace("%(limit)s", "$1").replace("%(worker_id)s", "$2")
+            db.execute(f"PREPARE claim_plan (int, text) AS {statement}")
+            db.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+            plan = db.execute("EXPLAIN (FORMAT TEXT) EXECUTE claim_plan (10, 'w')").fetchall()
+            db.execute("DEALLOCATE claim_plan")
+        else:
+            query = "EXPLAIN (FORMAT TEXT) " + QUERIES["claim_jobs"]
+            plan = db.execute(query, {"limit": 10, "worker_id": "w"}).fetchall()
     return "\n".join(r[0] for r in plan)
 
 
+@pytest.mark.parametrize("generic", [False, True], ids=["custom plan", "generic plan"])
 @pytest.mark.parametrize("pending", [100, 20_000])
 def test_claim_reads_only_pending_rows_with_a_large_history(
-    db: psycopg.Connection, analysis_id: str, pending: int
+    db: psycopg.Connection, analysis_id: str, pending: int, generic: bool
 ) -> None:
     db.execute(
         "INSERT INTO analysis_jobs (analysis_id, status, completed_at)"
@@ -352,7 +364,7 @@ def test_claim_reads_only_pending_rows_with_a_large_history(
         (analysis_id,),
     )
     db.execute("INSERT INTO analysis_jobs (analysis_id) SELECT %s FROM generate_series(1, %s)", (analysis_id, pending))
-    plan = _claim_plan(db)
+    plan = _claim_plan(db, generic=generic)
     assert "Seq Scan on analysis_jobs" not in plan, plan
     # A small backlog may be read through either pending-only index and sorted;
     # a large one is read in claim order, stopping at the LIMIT.
@@ -371,8 +383,9 @@ def test_claim_query_claims_in_priority_order_and_respects_the_limit(db: psycopg
         "INSERT INTO analysis_jobs (analysis_id, priority, run_at) VALUES (%s, 100, now() + interval '1 hour')",
         (analysis_id,),
     )
-    claimed = db.execute(QUERIES["claim_jobs"], {"limit": 4, "worker_id": "w1"}).fetchall()
-    assert len(claimed) == 4
+    with db.cursor(row_factory=dict_row) as cur:
+        claimed = in_claim_order(cur.execute(QUERIES["claim_jobs"], {"limit": 4, "worker_id": "w1"}).fetchall())
+    assert [job.priority for job in claimed] == [2, 2, 2, 1]  # the worker restores claim order
     rows = db.execute(
         "SELECT priority, attempts, worker_id, analysis_version, started_at IS NOT NULL, heartbeat_at IS NOT NULL"
         " FROM analysis_jobs WHERE status = 'running'"

@@ -120,20 +120,28 @@ class DedicatedConnection:
     next ``get()`` reconnects.
     """
 
-    def __init__(self, url: str, application_name: str) -> None:
+    def __init__(self, url: str, application_name: str, session_settings: dict[str, str] | None = None) -> None:
         self._url = url
         self._application_name = application_name
+        self._session_settings = session_settings or {}
         self._conn: psycopg.AsyncConnection | None = None
 
     async def get(self) -> psycopg.AsyncConnection:
         """The open connection, connecting first if needed (raises OperationalError)."""
         if self._conn is None or self._conn.closed or self._conn.broken:
-            self._conn = await psycopg.AsyncConnection.connect(
+            conn = await psycopg.AsyncConnection.connect(
                 self._url,
                 autocommit=True,
                 connect_timeout=CONNECT_TIMEOUT_SECONDS,
                 application_name=self._application_name,
             )
+            try:
+                for name, value in self._session_settings.items():
+                    await conn.execute("SELECT set_config(%s, %s, false)", (name, value))
+            except BaseException:
+                await conn.close()
+                raise
+            self._conn = conn
         return self._conn
 
     async def discard(self) -> None:

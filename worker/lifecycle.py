@@ -22,6 +22,7 @@ class ClaimedJob:
 
     id: str
     analysis_id: str
+    priority: int
     parameters_json: str
     attempt: int
     max_attempts: int
@@ -47,6 +48,13 @@ class ClaimedJob:
     def queue_wait_seconds(self) -> float:
         """started_at - max(created_at, run_at), never negative."""
         return max(0.0, (self.started_at - max(self.created_at, self.run_at)).total_seconds())
+
+
+def in_claim_order(rows: list[dict[str, Any]]) -> list[ClaimedJob]:
+    """Claimed rows as jobs, in the order the claim picked them (claim_jobs.sql returns them unordered)."""
+    jobs = [ClaimedJob.from_row(row) for row in rows]
+    jobs.sort(key=lambda job: (-job.priority, job.run_at, job.created_at))
+    return jobs
 
 
 class JobLifecycle:

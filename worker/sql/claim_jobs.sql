@@ -1,17 +1,13 @@
--- Claim up to %(limit)s due pending jobs for one worker, in claim order.
--- The CTE with LIMIT ... SKIP LOCKED (not "id IN (subquery)") guarantees no
--- more than %(limit)s rows are taken (PostgreSQL bug #15715), and it is served
--- by the partial index analysis_jobs_claim_idx. Each job comes back with its
--- analysis and the analysis's declared dependencies (NULL when it has none).
-WITH due AS (
-    SELECT id
-    FROM analysis_jobs
-    WHERE status = 'pending'
-      AND run_at <= now()
-    ORDER BY priority DESC, run_at, created_at
-    LIMIT %(limit)s
-    FOR NO KEY UPDATE SKIP LOCKED
-)
+-- Claim up to %(limit)s due pending jobs for one worker. The subquery with
+-- LIMIT ... SKIP LOCKED picks them in claim order from the partial index
+-- analysis_jobs_claim_idx; as an ARRAY(...) it runs once (an "id IN (subquery)"
+-- may be re-run and take more than %(limit)s rows, PostgreSQL bug #15715) and
+-- the rows are then fetched by primary key. Written so, the statement has one
+-- good generic plan (the claim connection runs with plan_cache_mode =
+-- force_generic_plan, so it is not planned again at every claim). Rows come back
+-- in no particular order, with their priority for the worker to restore claim
+-- order. Each job comes with its analysis and the analysis's declared
+-- dependencies (NULL when it has none).
 UPDATE analysis_jobs AS job
 SET status = 'running',
     started_at = now(),
@@ -19,11 +15,20 @@ SET status = 'running',
     worker_id = %(worker_id)s,
     attempts = job.attempts + 1,
     analysis_version = analysis.version
-FROM due, analyses AS analysis
-WHERE job.id = due.id
+FROM analyses AS analysis
+WHERE job.id = ANY (ARRAY(
+        SELECT id
+        FROM analysis_jobs
+        WHERE status = 'pending'
+          AND run_at <= now()
+        ORDER BY priority DESC, run_at, created_at
+        LIMIT %(limit)s
+        FOR NO KEY UPDATE SKIP LOCKED
+    ))
   AND analysis.id = job.analysis_id
 RETURNING
     job.id,
+    job.priority,
     job.analysis_id,
     job.parameters::text AS parameters_json,
     job.attempts AS attempt,
