@@ -337,6 +337,31 @@ def test_sigterm_lets_a_running_job_finish_within_grace(
 
 
 @pytest.mark.faults
+def test_sigterm_during_a_claim_lets_the_claimed_job_finish_within_grace(
+    db: psycopg.Connection, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    """Jobs of a claim still on its way when SIGTERM arrives get the grace period too, not a kill."""
+    db.execute("CREATE FUNCTION test_slow_claim() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+               " PERFORM pg_sleep(1); RETURN NULL; END $$")  # fmt: skip
+    db.execute(
+        "CREATE TRIGGER test_slow_claim AFTER UPDATE ON analysis_jobs FOR EACH ROW"
+        " WHEN (OLD.status = 'pending' AND NEW.status = 'running') EXECUTE FUNCTION test_slow_claim()"
+    )
+    worker = start_worker()
+    job_id = submit(db, create_analysis(db, script=GOOD))
+    in_claim = (
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE application_name = 'analysis-executor claims' AND wait_event = 'PgSleep'"
+    )
+    wait_until(lambda: db.execute(in_claim).fetchone() == (1,), timeout=10, what="claim under way")
+    worker.proc.send_signal(signal.SIGTERM)
+    assert worker.proc.wait(30) == 0
+    row = db.execute("SELECT status, attempts FROM analysis_jobs WHERE id = %s", (job_id,)).fetchone()
+    assert row == ("completed", 1), worker.output()
+    assert "released at shutdown" not in worker.output()
+
+
+@pytest.mark.faults
 def test_sigterm_hands_back_a_job_that_outlives_the_grace_period(
     db: psycopg.Connection, start_worker: Callable[..., WorkerProcess]
 ) -> None:

@@ -15,6 +15,7 @@ to the row then depends on why.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -119,6 +120,8 @@ class Executor:
         # Started while their claim's COMMIT is still on its way (see _claim_and_start).
         self._unconfirmed: set[tuple[str, int]] = set()
         self._claiming = True
+        self._claim_finished = asyncio.Event()  # clear while run() is in a claim
+        self._claim_finished.set()
         self._backlog = False
         # With a backlog, refill in batches rather than one claim per finished job:
         # a claim costs a commit, whatever its size.
@@ -143,7 +146,11 @@ class Executor:
         while self._claiming:
             await self._wakeups.wait()
             if self._claiming:
-                await self.claim_and_dispatch()
+                self._claim_finished.clear()
+                try:
+                    await self.claim_and_dispatch()
+                finally:
+                    self._claim_finished.set()
 
     def stop_claiming(self) -> None:
         """Claim nothing more; running jobs carry on."""
@@ -159,7 +166,7 @@ class Executor:
         try:
             jobs = await self._claim_and_start(free)
             self._backlog = len(jobs) == free
-            if not self._backlog and self._wakeups.announce_idle and self._settings.listen:
+            if not self._backlog and self._wakeups.announce_idle and self._settings.listen and self._claiming:
                 # Out of work: ask submitters to notify us, then look once more
                 # for jobs committed by those that checked before they could see it.
                 self._wakeups.announce_idle = False
@@ -402,10 +409,18 @@ class Executor:
         return message
 
     async def drain(self, grace_seconds: float) -> None:
-        """Let running jobs finish within the grace period, then kill the rest and hand them back."""
+        """Let running jobs finish within the grace period, then kill the rest and hand them back.
+
+        Called after ``stop_claiming``: a claim already on its way still
+        brings its jobs, which get the same grace as the others.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_seconds
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._claim_finished.wait(), grace_seconds)
         if self._running:
             log.info("waiting up to %.0fs for %d running job(s) to finish", grace_seconds, len(self._running))
-            await asyncio.wait([task for _, task in self._running.values()], timeout=grace_seconds)
+            await asyncio.wait([task for _, task in self._running.values()], timeout=max(0.0, deadline - loop.time()))
         for job_id, attempt in list(self._executing):
             self.interrupt(job_id, SHUTDOWN, attempt)
         if self._running:
