@@ -38,3 +38,15 @@ BEGIN
     RETURN NULL;
 END
 $$;
+
+-- 0006 as shipped let pg_temp come first on the check's search_path; do not
+-- bring that back on the way down.
+DO $$
+BEGIN
+    EXECUTE format(
+        'ALTER FUNCTION analysis_executor_wake_idle_workers() SET search_path = %I, pg_temp', current_schema()
+    );
+END
+$$;
+
+GRANT EXECUTE ON FUNCTION analysis_jobs_wake_idle_workers() TO PUBLIC;

@@ -5,15 +5,18 @@
 -- SECURITY DEFINER check through a dynamic EXECUTE, which PostgreSQL parses
 -- and plans again at every commit: 55-60 µs of every submitting
 -- transaction, measured with track_functions, against 22-26 µs for the same
--- check as one SECURITY DEFINER trigger function. Its search_path is the one
--- the migration ran with, so neither the submitter's search_path nor its
--- rights matter, and the semantics are those of 0006 unchanged: once per
+-- check as one SECURITY DEFINER trigger function. Its search_path is fixed to
+-- the schema the migration ran in, then pg_temp (searched last, not first:
+-- otherwise a submitter's temporary table named analysis_workers would be
+-- read, and its triggers run, with the function owner's rights), so neither
+-- the submitter's search_path nor its rights matter. Semantics are those of
+-- 0006 unchanged: once per
 -- transaction, at commit; above READ COMMITTED always notify; otherwise hold
 -- the settle lock shared until commit, and only if a worker is waiting clear
 -- the flags and NOTIFY.
 
 CREATE OR REPLACE FUNCTION analysis_jobs_wake_idle_workers() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
+LANGUAGE plpgsql SECURITY DEFINER AS $$
 BEGIN
     -- Runs for every pending row: only the first of a transaction checks.
     IF current_setting('analysis_executor.idle_workers_checked', true) = 'on' THEN
@@ -37,5 +40,17 @@ BEGIN
     RETURN NULL;
 END
 $$;
+
+DO $$
+BEGIN
+    EXECUTE format(
+        'ALTER FUNCTION analysis_jobs_wake_idle_workers() SET search_path = %I, pg_temp', current_schema()
+    );
+END
+$$;
+
+-- Only as this table's trigger (firing needs no EXECUTE right): nobody may
+-- attach it, with its owner's rights, to a table of their own.
+REVOKE EXECUTE ON FUNCTION analysis_jobs_wake_idle_workers() FROM PUBLIC;
 
 DROP FUNCTION analysis_executor_wake_idle_workers();

@@ -362,6 +362,49 @@ def test_sigterm_during_a_claim_lets_the_claimed_job_finish_within_grace(
 
 
 @pytest.mark.faults
+def test_a_claim_still_running_when_the_grace_period_ends_is_rolled_back(
+    db: psycopg.Connection, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    """Given up at shutdown, a claim must not commit on its way out (a pipeline's exit sends a Sync)."""
+    db.execute("CREATE FUNCTION test_slow_claim() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+               " PERFORM pg_sleep(4); RETURN NULL; END $$")  # fmt: skip
+    db.execute(
+        "CREATE TRIGGER test_slow_claim AFTER UPDATE ON analysis_jobs FOR EACH ROW"
+        " WHEN (OLD.status = 'pending' AND NEW.status = 'running') EXECUTE FUNCTION test_slow_claim()"
+    )
+    worker = start_worker(env={"SHUTDOWN_GRACE_SECONDS": "1"})
+    job_id = submit(db, create_analysis(db, script=GOOD))
+    claims = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'analysis-executor claims'"
+    wait_until(lambda: db.execute(claims + " AND wait_event = 'PgSleep'").fetchone() == (1,), what="claim under way")
+    worker.proc.send_signal(signal.SIGTERM)
+    assert worker.proc.wait(30) == 0
+    wait_until(lambda: db.execute(claims).fetchone() == (0,), timeout=15, what="claim connection gone")
+    row = db.execute("SELECT status, attempts, worker_id FROM analysis_jobs WHERE id = %s", (job_id,)).fetchone()
+    assert row == ("pending", 0, None), worker.output()
+
+
+@pytest.mark.faults
+def test_a_claim_whose_commit_outlasts_the_shutdown_is_handed_back(
+    db: psycopg.Connection, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    """Its COMMIT still running at exit (13 s > 1 s grace + 10 s to record outcomes), the claim is given up:
+    cancelled and rolled back, or handed back if it committed after all, never left 'running' for the lease."""
+    _at_claim_commit(db, "PERFORM pg_sleep(13); RETURN NULL;")
+    worker = start_worker(env={"SHUTDOWN_GRACE_SECONDS": "1"})
+    job_id = submit(db, create_analysis(db, script=GOOD))
+    in_commit = (
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE application_name = 'analysis-executor claims' AND wait_event = 'PgSleep'"
+    )
+    wait_until(lambda: db.execute(in_commit).fetchone() == (1,), timeout=10, what="claim committing")
+    worker.proc.send_signal(signal.SIGTERM)
+    assert worker.proc.wait(60) == 0
+    row = db.execute("SELECT status, attempts, worker_id FROM analysis_jobs WHERE id = %s", (job_id,)).fetchone()
+    assert row == ("pending", 0, None), worker.output()
+    assert "stopped: claim not committed" in worker.output()
+
+
+@pytest.mark.faults
 def test_sigterm_hands_back_a_job_that_outlives_the_grace_period(
     db: psycopg.Connection, start_worker: Callable[..., WorkerProcess]
 ) -> None:

@@ -300,18 +300,29 @@ def test_a_role_that_may_only_insert_jobs_can_submit_while_a_worker_waits(
         db.execute(f"DROP ROLE {role}")
 
 
+@pytest.mark.parametrize("where", ["own schema", "temporary schema"])
 def test_a_submitters_search_path_cannot_redirect_the_check(
-    db: psycopg.Connection, database_url: str, analysis_id: str
+    db: psycopg.Connection, database_url: str, analysis_id: str, where: str
 ) -> None:
-    """The check runs with the migration's search_path, not the submitter's lookalike table."""
+    """The check reads the real analysis_workers, whatever lookalike the submitter puts on its path.
+
+    It runs with its owner's rights: a lookalike would be read, and its
+    triggers run, with those rights. pg_temp is searched first unless the
+    function's search_path names it last.
+    """
     schema = f"shadow_{uuid.uuid4().hex[:8]}"
     db.execute(f"CREATE SCHEMA {schema}")
     try:
-        db.execute(f"CREATE TABLE {schema}.analysis_workers (id text, waiting boolean)")
-        db.execute(f"INSERT INTO {schema}.analysis_workers VALUES ('decoy', true)")
         _worker(db, waiting=False)
         with _listener(database_url) as listener, psycopg.connect(database_url) as submitter:
-            submitter.execute(f"SET search_path = {schema}, public")
+            if where == "own schema":
+                submitter.execute(f"CREATE TABLE {schema}.analysis_workers (id text, waiting boolean)")
+                submitter.execute(f"INSERT INTO {schema}.analysis_workers VALUES ('decoy', true)")
+                submitter.execute(f"SET search_path = {schema}, public")
+            else:
+                submitter.execute("CREATE TEMPORARY TABLE analysis_workers (id text, waiting boolean)")
+                submitter.execute("INSERT INTO analysis_workers VALUES ('decoy', true)")
+            submitter.commit()
             submitter.execute("INSERT INTO public.analysis_jobs (analysis_id) VALUES (%s)", (analysis_id,))
             submitter.commit()
             assert _drain(listener) == []  # the real table has nobody waiting
@@ -319,8 +330,8 @@ def test_a_submitters_search_path_cannot_redirect_the_check(
             submitter.execute("INSERT INTO public.analysis_jobs (analysis_id) VALUES (%s)", (analysis_id,))
             submitter.commit()
             assert len(_drain(listener)) == 1
+            assert submitter.execute("SELECT waiting FROM analysis_workers").fetchone() == (True,)  # the decoy
         assert _waiting(db) == []
-        assert db.execute(f"SELECT waiting FROM {schema}.analysis_workers").fetchone() == (True,)
     finally:
         db.execute(f"DROP SCHEMA {schema} CASCADE")
 

@@ -144,6 +144,12 @@ class DedicatedConnection:
             self._conn = conn
         return self._conn
 
+    def abandon(self) -> None:
+        """Close the connection at once, without a word to the server (which rolls back what is open)."""
+        conn, self._conn = self._conn, None
+        if conn is not None and not conn.closed:
+            conn.pgconn.finish()
+
     async def discard(self) -> None:
         """Drop the connection after an error; the next get() opens a new one."""
         conn, self._conn = self._conn, None

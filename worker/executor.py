@@ -42,6 +42,10 @@ from worker.runtimes.python import ScriptNotAllowed, ScriptWhitelist
 log = logging.getLogger(__name__)
 
 _CLAIM_RETRY_SECONDS = 1.0
+# A claim's COMMIT normally takes milliseconds; its jobs wait for it, holding their slots.
+_CLAIM_COMMIT_TIMEOUT_SECONDS = 30.0
+# Handing jobs back never waits long for row locks (an uncommitted claim may hold them).
+_RELEASE_LOCK_TIMEOUT = "5s"
 _RECORD_AT_SHUTDOWN_SECONDS = 10.0
 # Retry delays while submitters finish committing (see _announce_waiting).
 _SETTLE_FIRST_DELAY_SECONDS = 0.0005
@@ -119,6 +123,7 @@ class Executor:
         self._released: list[ClaimedJob] = []
         # Started while their claim's COMMIT is still on its way (see _claim_and_start).
         self._unconfirmed: set[tuple[str, int]] = set()
+        self._releasing: set[asyncio.Task[None]] = set()  # hand-backs of claims that may not have committed
         self._claiming = True
         self._claim_finished = asyncio.Event()  # clear while run() is in a claim
         self._claim_finished.set()
@@ -192,12 +197,14 @@ class Executor:
         The claim's rows arrive before its COMMIT, whose WAL flush is most of a
         claim's time: the statement is sent in a pipeline and the Sync that
         commits it only after its rows are read, so JavaScript jobs are
-        already in their children while the commit completes. Nothing
-        escapes before it does: a JavaScript script has no effect but its
-        result, which is recorded only after the commit; a Python script,
-        which can act on the world, starts only then; and if the commit
-        fails, the jobs are stopped and dropped (a claim that did commit
-        after all is rescued when its lease runs out).
+        already in their children (and jobs' read-only dependency queries
+        under way) while the commit completes. A JavaScript script has no
+        effect but its result, which is recorded only after the commit; a
+        Python script, which can act on the world, starts only then. If the
+        claim does not commit (or we cannot tell: an error, a timeout, a
+        cancellation), its jobs are stopped and dropped, the connection is
+        closed before psycopg's pipeline exit could send a committing Sync,
+        and the rows are handed back in case they were committed after all.
         """
         conn = await self._claim_conn.get()
         params = {"limit": limit, "worker_id": self._settings.worker_id}
@@ -212,21 +219,37 @@ class Executor:
                 self._start(jobs, claim)
                 return jobs
             async with conn.pipeline() as pipeline:
-                async with conn.cursor(row_factory=dict_row) as cur:
-                    await cur.execute(QUERIES["claim_jobs"], params, prepare=True)
-                    jobs = in_claim_order(await cur.fetchall())
-                if jobs:
-                    self._start(jobs, claim)
-                    await asyncio.sleep(0)  # let the job tasks hand their scripts to the pool,
-                    self._pool.send_waiting()  # which sends them before we wait for the commit
-                await pipeline.sync()  # commits (raising the server's error if it cannot)
+                try:
+                    async with conn.cursor(row_factory=dict_row) as cur:
+                        await cur.execute(QUERIES["claim_jobs"], params, prepare=True)
+                        jobs = in_claim_order(await cur.fetchall())
+                    if jobs:
+                        self._start(jobs, claim)
+                        await asyncio.sleep(0)  # let the job tasks hand their scripts to the pool,
+                        self._pool.send_waiting()  # which sends them before we wait for the commit
+                    # Commits (raising the server's error if it cannot).
+                    await asyncio.wait_for(pipeline.sync(), _CLAIM_COMMIT_TIMEOUT_SECONDS)
+                except BaseException:
+                    # Leaving the pipeline would send a Sync, which commits: close first.
+                    self._claim_conn.abandon()
+                    raise
             claim.settle(committed=True)
             return jobs
+        except TimeoutError:
+            raise psycopg.OperationalError(
+                f"the claim did not commit within {_CLAIM_COMMIT_TIMEOUT_SECONDS:.0f}s; connection closed"
+            ) from None
         finally:
             if not claim.settled:
                 claim.settle(committed=False)
                 for job in jobs:
                     self.interrupt(job.id, CLAIM_FAILED, job.attempt)
+                if jobs:
+                    # Harmless if the claim rolled back (fenced by worker and attempt).
+                    task = asyncio.create_task(self._release(jobs), name="release-uncommitted-claim")
+                    task.add_done_callback(_log_unexpected_error)
+                    task.add_done_callback(self._releasing.discard)
+                    self._releasing.add(task)
             for job in jobs:
                 self._unconfirmed.discard((job.id, job.attempt))
 
@@ -419,8 +442,9 @@ class Executor:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._claim_finished.wait(), grace_seconds)
         if self._running:
-            log.info("waiting up to %.0fs for %d running job(s) to finish", grace_seconds, len(self._running))
-            await asyncio.wait([task for _, task in self._running.values()], timeout=max(0.0, deadline - loop.time()))
+            remaining = max(0.0, deadline - loop.time())
+            log.info("waiting up to %.0fs for %d running job(s) to finish", remaining, len(self._running))
+            await asyncio.wait([task for _, task in self._running.values()], timeout=remaining)
         for job_id, attempt in list(self._executing):
             self.interrupt(job_id, SHUTDOWN, attempt)
         if self._running:
@@ -442,15 +466,21 @@ class Executor:
         }
         try:
             async with self._db_pool.connection() as conn, conn.transaction():
-                await conn.execute(QUERIES["release_jobs"], params)
-                await conn.execute(f"NOTIFY {JOBS_PENDING_CHANNEL}")
+                await conn.execute("SELECT set_config('lock_timeout', %s, true)", (_RELEASE_LOCK_TIMEOUT,))
+                cur = await conn.execute(QUERIES["release_jobs"], params)
+                released = cur.rowcount
+                if released:
+                    await conn.execute(f"NOTIFY {JOBS_PENDING_CHANNEL}")
         except psycopg.Error as exc:
             log.error("could not hand %d job(s) back to the queue (their leases will expire): %s", len(jobs), exc)
             return
-        log.info("handed %d unfinished job(s) back to the queue", len(jobs))
+        if released:
+            log.info("handed %d unfinished job(s) back to the queue", released)
 
     async def close(self) -> None:
-        """Close the claim connection."""
+        """Finish handing back jobs of failed claims (briefly), then close the claim connection."""
+        if self._releasing:
+            await asyncio.wait(self._releasing, timeout=_RECORD_AT_SHUTDOWN_SECONDS)
         await self._claim_conn.close()
 
 

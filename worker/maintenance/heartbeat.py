@@ -76,20 +76,23 @@ class Heartbeat:
         async with self._db_pool.connection() as conn:
             async with conn.transaction():
                 await conn.execute(QUERIES["touch_worker"], self._registry_row())
-                renewed: set[str] = set()
+                renewed: set[tuple[str, int]] = set()
                 if ids:
                     cur = await conn.execute(
                         QUERIES["renew_leases"],
                         {"ids": ids, "attempts": [job.attempt for job in jobs], "worker_id": self._settings.worker_id},
                     )
-                    renewed = {str(row[0]) for row in await cur.fetchall()}
-            lost = [job_id for job_id in ids if job_id not in renewed]
+                    renewed = {(str(row[0]), row[1]) for row in await cur.fetchall()}
+            lost = [job for job in jobs if (job.id, job.attempt) not in renewed]
             if not lost:
                 return
-            cur = await conn.execute("SELECT id, status FROM analysis_jobs WHERE id = ANY(%s::uuid[])", (lost,))
+            lost_ids = [job.id for job in lost]
+            cur = await conn.execute("SELECT id, status FROM analysis_jobs WHERE id = ANY(%s::uuid[])", (lost_ids,))
             statuses = {str(row[0]): row[1] for row in await cur.fetchall()}
-        for job_id in lost:
+        for job in lost:
+            job_id = job.id
             status = statuses.get(job_id)
             reason = CANCELLED if status == "cancelled" else (LEASE_LOST if status else "job row deleted")
-            if self._executor.interrupt(job_id, reason):
+            # Only the attempt that lost its lease: a newer one of the same job may run here too.
+            if self._executor.interrupt(job_id, reason, job.attempt):
                 log.warning("Job %s is no longer held by this worker (%s); its process was stopped", job_id, reason)

@@ -26,7 +26,10 @@ def serve(requests: BinaryIO, replies: BinaryIO) -> None:
 
     write_frame(replies, {"event": "ready", "pid": os.getpid(), "allocator": allocator_in_use()})
     while True:
-        prepare_context()  # while no job is waiting, this costs the next one nothing
+        try:
+            prepare_context()  # if no job is queued yet, this costs the next one nothing
+        except Exception:  # the job then builds its own context and reports what fails
+            traceback.print_exc(file=sys.stderr)
         job = read_frame(requests)
         if job is None:
             break

@@ -16,4 +16,4 @@ UPDATE analysis_jobs AS job
 SET heartbeat_at = now()
 FROM mine
 WHERE job.id = mine.id
-RETURNING job.id
+RETURNING job.id, job.attempts
