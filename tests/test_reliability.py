@@ -179,6 +179,16 @@ def _at_claim_commit(db: psycopg.Connection, body: str) -> None:
     )
 
 
+def _slow_claim_statement(db: psycopg.Connection, seconds: int) -> None:
+    """Make every claim statement (not its COMMIT) take ``seconds`` per claimed row."""
+    db.execute("CREATE FUNCTION test_slow_claim() RETURNS trigger LANGUAGE plpgsql AS"
+               f" $$ BEGIN PERFORM pg_sleep({seconds}); RETURN NULL; END $$")  # fmt: skip
+    db.execute(
+        "CREATE TRIGGER test_slow_claim AFTER UPDATE ON analysis_jobs FOR EACH ROW"
+        " WHEN (OLD.status = 'pending' AND NEW.status = 'running') EXECUTE FUNCTION test_slow_claim()"
+    )
+
+
 def _timed(ms: int) -> str:
     """A JavaScript analysis that returns when it started ({t: epoch ms}) after ``ms`` of work."""
     body = f"const t = Date.now(); while (Date.now() < t + {ms}) {{}} return {{t}};"
@@ -341,12 +351,7 @@ def test_sigterm_during_a_claim_lets_the_claimed_job_finish_within_grace(
     db: psycopg.Connection, start_worker: Callable[..., WorkerProcess]
 ) -> None:
     """Jobs of a claim still on its way when SIGTERM arrives get the grace period too, not a kill."""
-    db.execute("CREATE FUNCTION test_slow_claim() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
-               " PERFORM pg_sleep(1); RETURN NULL; END $$")  # fmt: skip
-    db.execute(
-        "CREATE TRIGGER test_slow_claim AFTER UPDATE ON analysis_jobs FOR EACH ROW"
-        " WHEN (OLD.status = 'pending' AND NEW.status = 'running') EXECUTE FUNCTION test_slow_claim()"
-    )
+    _slow_claim_statement(db, 1)
     worker = start_worker()
     job_id = submit(db, create_analysis(db, script=GOOD))
     in_claim = (
@@ -366,12 +371,7 @@ def test_a_claim_still_running_when_the_grace_period_ends_is_rolled_back(
     db: psycopg.Connection, start_worker: Callable[..., WorkerProcess]
 ) -> None:
     """Given up at shutdown, a claim must not commit on its way out (a pipeline's exit sends a Sync)."""
-    db.execute("CREATE FUNCTION test_slow_claim() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
-               " PERFORM pg_sleep(4); RETURN NULL; END $$")  # fmt: skip
-    db.execute(
-        "CREATE TRIGGER test_slow_claim AFTER UPDATE ON analysis_jobs FOR EACH ROW"
-        " WHEN (OLD.status = 'pending' AND NEW.status = 'running') EXECUTE FUNCTION test_slow_claim()"
-    )
+    _slow_claim_statement(db, 4)
     worker = start_worker(env={"SHUTDOWN_GRACE_SECONDS": "1"})
     job_id = submit(db, create_analysis(db, script=GOOD))
     claims = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'analysis-executor claims'"
