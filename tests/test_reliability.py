@@ -202,24 +202,25 @@ def _epoch(value: Any) -> float:
 def test_javascript_starts_before_its_claim_commits_and_is_recorded_only_after(
     db: psycopg.Connection, start_worker: Callable[..., WorkerProcess], scripts_dir: Path
 ) -> None:
-    """A slow claim COMMIT (1.5 s): the script already runs; its result, a Python script and leases wait for it."""
-    _at_claim_commit(db, "PERFORM pg_sleep(1.5); RETURN NULL;")
-    # Runs 1 s, across three heartbeats of the 1 s lease: none may take it for a lost job.
-    js = create_analysis(db, script=_timed(1000))
+    """A slow claim COMMIT (2 s): the script already runs; its result, a Python script and leases wait for it."""
+    _at_claim_commit(db, "PERFORM pg_sleep(2); RETURN NULL;")
+    # Runs 1.4 s while the claim commits, across at least one heartbeat (every 1 s with a
+    # 3 s lease, which the 2 s commit does not outlast): it must not be taken for a lost job.
+    js = create_analysis(db, script=_timed(1400))
     (scripts_dir / "clock.py").write_text("import json, time\nprint(json.dumps({'t': time.time() * 1000}))\n")
     py = create_analysis(db, script_name="clock.py")
-    start_worker(env=SHORT_LEASE)
+    start_worker(env={"JOB_LEASE_SECONDS": "3"})
     rows = wait_for_jobs(db, [submit(db, js), submit(db, py)], timeout=60)
     for row in rows.values():
         assert row["status"] == "completed", row["error_message"]
         assert row["attempts"] == 1
         started = _epoch(row["started_at"])  # when the claim's transaction began
-        assert _epoch(row["completed_at"]) >= started + 1.5  # nothing is recorded before the claim commits
+        assert _epoch(row["completed_at"]) >= started + 2  # nothing is recorded before the claim commits
         script_ran_at = row["result"]["t"] / 1000
         if str(row["analysis_id"]) == js:
             assert script_ran_at < started + 1.0, "the JavaScript job waited for the claim's commit"
         else:
-            assert script_ran_at >= started + 1.5, "a Python script started before its claim committed"
+            assert script_ran_at >= started + 2, "a Python script started before its claim committed"
 
 
 def test_a_claim_whose_commit_fails_stops_its_started_job_which_runs_again(

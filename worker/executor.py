@@ -228,7 +228,8 @@ class Executor:
                         await asyncio.sleep(0)  # let the job tasks hand their scripts to the pool,
                         self._pool.send_waiting()  # which sends them before we wait for the commit
                     # Commits (raising the server's error if it cannot).
-                    await asyncio.wait_for(pipeline.sync(), _CLAIM_COMMIT_TIMEOUT_SECONDS)
+                    async with asyncio.timeout(_CLAIM_COMMIT_TIMEOUT_SECONDS):  # no extra task, unlike wait_for
+                        await pipeline.sync()
                 except BaseException:
                     # Leaving the pipeline would send a Sync, which commits: close first.
                     self._claim_conn.abandon()
