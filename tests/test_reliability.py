@@ -189,6 +189,17 @@ def _slow_claim_statement(db: psycopg.Connection, seconds: int) -> None:
     )
 
 
+_CLAIM_SESSIONS = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'analysis-executor claims'"
+
+
+def _sigterm_while_claiming(db: psycopg.Connection, worker: WorkerProcess) -> None:
+    """SIGTERM the worker while its claim sleeps in a test trigger; it must exit cleanly."""
+    in_trigger = _CLAIM_SESSIONS + " AND wait_event = 'PgSleep'"
+    wait_until(lambda: db.execute(in_trigger).fetchone() == (1,), timeout=10, what="claim under way")
+    worker.proc.send_signal(signal.SIGTERM)
+    assert worker.proc.wait(60) == 0
+
+
 def _timed(ms: int) -> str:
     """A JavaScript analysis that returns when it started ({t: epoch ms}) after ``ms`` of work."""
     body = f"const t = Date.now(); while (Date.now() < t + {ms}) {{}} return {{t}};"
@@ -355,13 +366,7 @@ def test_sigterm_during_a_claim_lets_the_claimed_job_finish_within_grace(
     _slow_claim_statement(db, 1)
     worker = start_worker()
     job_id = submit(db, create_analysis(db, script=GOOD))
-    in_claim = (
-        "SELECT count(*) FROM pg_stat_activity"
-        " WHERE application_name = 'analysis-executor claims' AND wait_event = 'PgSleep'"
-    )
-    wait_until(lambda: db.execute(in_claim).fetchone() == (1,), timeout=10, what="claim under way")
-    worker.proc.send_signal(signal.SIGTERM)
-    assert worker.proc.wait(30) == 0
+    _sigterm_while_claiming(db, worker)
     row = db.execute("SELECT status, attempts FROM analysis_jobs WHERE id = %s", (job_id,)).fetchone()
     assert row == ("completed", 1), worker.output()
     assert "released at shutdown" not in worker.output()
@@ -375,11 +380,8 @@ def test_a_claim_still_running_when_the_grace_period_ends_is_rolled_back(
     _slow_claim_statement(db, 4)
     worker = start_worker(env={"SHUTDOWN_GRACE_SECONDS": "1"})
     job_id = submit(db, create_analysis(db, script=GOOD))
-    claims = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'analysis-executor claims'"
-    wait_until(lambda: db.execute(claims + " AND wait_event = 'PgSleep'").fetchone() == (1,), what="claim under way")
-    worker.proc.send_signal(signal.SIGTERM)
-    assert worker.proc.wait(30) == 0
-    wait_until(lambda: db.execute(claims).fetchone() == (0,), timeout=15, what="claim connection gone")
+    _sigterm_while_claiming(db, worker)
+    wait_until(lambda: db.execute(_CLAIM_SESSIONS).fetchone() == (0,), timeout=15, what="claim connection gone")
     row = db.execute("SELECT status, attempts, worker_id FROM analysis_jobs WHERE id = %s", (job_id,)).fetchone()
     assert row == ("pending", 0, None), worker.output()
 
@@ -393,13 +395,7 @@ def test_a_claim_whose_commit_outlasts_the_shutdown_is_handed_back(
     _at_claim_commit(db, "PERFORM pg_sleep(13); RETURN NULL;")
     worker = start_worker(env={"SHUTDOWN_GRACE_SECONDS": "1"})
     job_id = submit(db, create_analysis(db, script=GOOD))
-    in_commit = (
-        "SELECT count(*) FROM pg_stat_activity"
-        " WHERE application_name = 'analysis-executor claims' AND wait_event = 'PgSleep'"
-    )
-    wait_until(lambda: db.execute(in_commit).fetchone() == (1,), timeout=10, what="claim committing")
-    worker.proc.send_signal(signal.SIGTERM)
-    assert worker.proc.wait(60) == 0
+    _sigterm_while_claiming(db, worker)
     row = db.execute("SELECT status, attempts, worker_id FROM analysis_jobs WHERE id = %s", (job_id,)).fetchone()
     assert row == ("pending", 0, None), worker.output()
     assert "stopped: claim not committed" in worker.output()
