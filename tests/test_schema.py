@@ -7,9 +7,8 @@ import uuid
 import psycopg
 import pytest
 from psycopg import errors
-from psycopg.rows import dict_row
 
-from worker.lifecycle import in_claim_order
+from tests.claims import claim_jobs
 from worker.queries import JOBS_PENDING_CHANNEL, QUERIES
 
 SEED_TABLES = {
@@ -353,14 +352,14 @@ def _claim_plan(db: psycopg.Connection, *, generic: bool = False) -> str:
     db.execute("ANALYZE analysis_jobs")
     with db.transaction():
         if generic:
-            statement = QUERIES["claim_jobs"].replace("%(limit)s", "$1").replace("%(worker_id)s", "$2")
-            db.execute(f"PREPARE claim_plan (int, text) AS {statement}")
+            statement = QUERIES["claim_jobs"].replace("%(limit)s", "$1")
+            db.execute(f"PREPARE claim_plan (int) AS {statement}")
             db.execute("SET LOCAL plan_cache_mode = force_generic_plan")
-            plan = db.execute("EXPLAIN (FORMAT TEXT) EXECUTE claim_plan (10, 'w')").fetchall()
+            plan = db.execute("EXPLAIN (FORMAT TEXT) EXECUTE claim_plan (10)").fetchall()
             db.execute("DEALLOCATE claim_plan")
         else:
             query = "EXPLAIN (FORMAT TEXT) " + QUERIES["claim_jobs"]
-            plan = db.execute(query, {"limit": 10, "worker_id": "w"}).fetchall()
+            plan = db.execute(query, {"limit": 10}).fetchall()
     return "\n".join(r[0] for r in plan)
 
 
@@ -394,8 +393,7 @@ def test_claim_query_claims_in_priority_order_and_respects_the_limit(db: psycopg
         "INSERT INTO analysis_jobs (analysis_id, priority, run_at) VALUES (%s, 100, now() + interval '1 hour')",
         (analysis_id,),
     )
-    with db.cursor(row_factory=dict_row) as cur:
-        claimed = in_claim_order(cur.execute(QUERIES["claim_jobs"], {"limit": 4, "worker_id": "w1"}).fetchall())
+    claimed = claim_jobs(db, 4, "w1")
     assert [job.priority for job in claimed] == [2, 2, 2, 1]  # the worker restores claim order
     rows = db.execute(
         "SELECT priority, attempts, worker_id, analysis_version, started_at IS NOT NULL, heartbeat_at IS NOT NULL"

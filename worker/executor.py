@@ -1,8 +1,8 @@
 """The executor loop: claim as many jobs as there are free slots, run them, record them.
 
 Woken by ``Wakeups`` (notification, poll, timer, start-up, a slot freeing up
-while more work is waiting), it claims with one statement
-(``sql/claim_jobs.sql``), hands each job to the process pool and passes the
+while more work is waiting), it claims in one transaction
+(``sql/claim_jobs.sql``, ``sql/mark_jobs_running.sql``), hands each job to the process pool and passes the
 outcome to the recorder. A job holds its slot until its outcome is written,
 so a worker never has more than ``MAX_CONCURRENT_JOBS`` rows ``running``.
 
@@ -47,6 +47,7 @@ _CLAIM_COMMIT_TIMEOUT_SECONDS = 30.0
 # Handing jobs back never waits long for row locks (an uncommitted claim may hold them).
 _RELEASE_LOCK_TIMEOUT = "5s"
 _RECORD_AT_SHUTDOWN_SECONDS = 10.0
+_GIVE_UP_CLAIM_SECONDS = 5.0
 # Retry delays while submitters finish committing (see _announce_waiting).
 _SETTLE_FIRST_DELAY_SECONDS = 0.0005
 _SETTLE_MAX_DELAY_SECONDS = 0.02
@@ -110,8 +111,8 @@ class Executor:
         self._wakeups = wakeups
         self._lifecycle = lifecycle
         self._metrics = metrics
-        # The claim statement is written to have one good generic plan (see
-        # sql/claim_jobs.sql): planning it at every claim cost more than running it.
+        # The claim's statements are written to have one good generic plan (see
+        # sql/claim_jobs.sql): planning them at every claim cost more than running them.
         self._claim_conn = DedicatedConnection(
             settings.database_url, "analysis-executor claims", {"plan_cache_mode": "force_generic_plan"}
         )
@@ -127,6 +128,7 @@ class Executor:
         self._claiming = True
         self._claim_finished = asyncio.Event()  # clear while run() is in a claim
         self._claim_finished.set()
+        self._run_task: asyncio.Task[None] | None = None
         self._backlog = False
         # With a backlog, refill in batches rather than one claim per finished job:
         # a claim costs a commit, whatever its size.
@@ -148,6 +150,7 @@ class Executor:
 
     async def run(self) -> None:
         """Claim on every wake-up until claiming stops."""
+        self._run_task = asyncio.current_task()
         while self._claiming:
             await self._wakeups.wait()
             if self._claiming:
@@ -194,42 +197,49 @@ class Executor:
     async def _claim_and_start(self, limit: int) -> list[ClaimedJob]:
         """Claim up to ``limit`` due jobs and start them; return them.
 
-        The claim's rows arrive before its COMMIT, whose WAL flush is most of a
-        claim's time: the statement is sent in a pipeline and the Sync that
-        commits it only after its rows are read, so JavaScript jobs are
-        already in their children (and jobs' read-only dependency queries
-        under way) while the commit completes. A JavaScript script has no
-        effect but its result, which is recorded only after the commit; a
-        Python script, which can act on the world, starts only then. If the
-        claim does not commit (or we cannot tell: an error, a timeout, a
-        cancellation), its jobs are stopped and dropped, the connection is
-        closed before psycopg's pipeline exit could send a committing Sync,
-        and the rows are handed back in case they were committed after all.
+        A claim is two statements in one transaction: claim_jobs.sql locks
+        the jobs and reads them, mark_jobs_running.sql marks them running.
+        Both are sent in a pipeline, the second (and the Sync that commits)
+        only after the first's rows are read, so JavaScript jobs are already
+        in their children (and jobs' read-only dependency queries under way)
+        while the UPDATE runs and its COMMIT's WAL flush completes: most of a
+        claim's time. A JavaScript script has no effect but its result, which
+        is recorded only after the commit; a Python script, which can act on
+        the world, starts only then. If the claim does not commit (or we
+        cannot tell: an error, a timeout, a cancellation), its jobs are
+        stopped and dropped, the connection is closed before psycopg's
+        pipeline exit could send a committing Sync, and the rows are handed
+        back in case they were committed after all.
         """
         conn = await self._claim_conn.get()
-        params = {"limit": limit, "worker_id": self._settings.worker_id}
         claim = _Claim()
         jobs: list[ClaimedJob] = []
         try:
             if not _PIPELINES:
-                async with conn.cursor(row_factory=dict_row) as cur:
-                    await cur.execute(QUERIES["claim_jobs"], params, prepare=True)
+                async with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+                    await cur.execute(QUERIES["claim_jobs"], {"limit": limit}, prepare=True)
                     jobs = in_claim_order(await cur.fetchall())
+                    if jobs:
+                        await cur.execute(QUERIES["mark_jobs_running"], self._mark_params(jobs), prepare=True)
+                        _check_marked(jobs, await cur.fetchall())
                 claim.settle(committed=True)
                 self._start(jobs, claim)
                 return jobs
             async with conn.pipeline() as pipeline:
                 try:
                     async with conn.cursor(row_factory=dict_row) as cur:
-                        await cur.execute(QUERIES["claim_jobs"], params, prepare=True)
+                        await cur.execute(QUERIES["claim_jobs"], {"limit": limit}, prepare=True)
                         jobs = in_claim_order(await cur.fetchall())
-                    if jobs:
-                        self._start(jobs, claim)
-                        await asyncio.sleep(0)  # let the job tasks hand their scripts to the pool,
-                        self._pool.send_waiting()  # which sends them before we wait for the commit
-                    # Commits (raising the server's error if it cannot).
-                    async with asyncio.timeout(_CLAIM_COMMIT_TIMEOUT_SECONDS):  # no extra task, unlike wait_for
-                        await pipeline.sync()
+                        if jobs:
+                            self._start(jobs, claim)
+                            await asyncio.sleep(0)  # let the job tasks hand their scripts to the pool,
+                            self._pool.send_waiting()  # which sends them before the UPDATE and the commit
+                            await cur.execute(QUERIES["mark_jobs_running"], self._mark_params(jobs), prepare=True)
+                        # Commits (raising the server's error if it cannot).
+                        async with asyncio.timeout(_CLAIM_COMMIT_TIMEOUT_SECONDS):  # no extra task, unlike wait_for
+                            await pipeline.sync()
+                        if jobs:
+                            _check_marked(jobs, await cur.fetchall())
                 except BaseException:
                     # Leaving the pipeline would send a Sync, which commits: close first.
                     self._claim_conn.abandon()
@@ -253,6 +263,13 @@ class Executor:
                     self._releasing.add(task)
             for job in jobs:
                 self._unconfirmed.discard((job.id, job.attempt))
+
+    def _mark_params(self, jobs: list[ClaimedJob]) -> dict[str, Any]:
+        return {
+            "worker_id": self._settings.worker_id,
+            "ids": [job.id for job in jobs],
+            "analysis_versions": [job.analysis_version for job in jobs],
+        }
 
     async def _announce_waiting(self) -> None:
         """Set this worker's waiting flag; return once no submitter can have missed it.
@@ -440,8 +457,10 @@ class Executor:
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace_seconds
-        with contextlib.suppress(TimeoutError):
+        try:
             await asyncio.wait_for(self._claim_finished.wait(), grace_seconds)
+        except TimeoutError:
+            await self._give_up_claim()
         if self._running:
             remaining = max(0.0, deadline - loop.time())
             log.info("waiting up to %.0fs for %d running job(s) to finish", remaining, len(self._running))
@@ -455,6 +474,20 @@ class Executor:
         for job, _ in self._running.values():
             log.warning("Job %s: outcome not recorded before shutdown; the lease will return it to the queue", job.id)
         await self._release(self._released)
+
+    async def _give_up_claim(self) -> None:
+        """Stop the claim still on its way at the end of the grace period.
+
+        Its jobs could not be recorded before it commits anyway: it is
+        cancelled (rolled back, the connection closed), its jobs are stopped
+        and handed back in case it committed after all.
+        """
+        if self._run_task is None or self._run_task.done():
+            return
+        log.warning("the claim under way did not finish within the grace period; giving it up")
+        self._run_task.cancel()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._claim_finished.wait(), _GIVE_UP_CLAIM_SECONDS)
 
     async def _release(self, jobs: list[ClaimedJob]) -> None:
         """Hand unfinished jobs back to ``pending`` without spending an attempt."""
@@ -497,3 +530,9 @@ def _log_unexpected_error(task: asyncio.Task[None]) -> None:
     """A job task must never fail silently: its row would wait for the rescuer unexplained."""
     if not task.cancelled() and task.exception() is not None:
         log.error("unexpected error in %s", task.get_name(), exc_info=task.exception())
+
+
+def _check_marked(jobs: list[ClaimedJob], marked: list[dict[str, Any]]) -> None:
+    """Every locked job was marked running (they are locked: nothing else can have changed them)."""
+    if len(marked) != len(jobs):
+        raise psycopg.OperationalError(f"the claim marked {len(marked)} of {len(jobs)} locked jobs running")

@@ -38,11 +38,11 @@ import psycopg
 import quickjs
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from tests.claims import claim_jobs
 from tests.processes import child_pids, rss_kib
 from worker.allocator import child_environment, mimalloc_library
 from worker.embedded import EmbeddedPostgres
 from worker.migrate import apply_migrations
-from worker.queries import QUERIES
 from worker.runtimes.javascript import run_javascript
 
 TRIVIAL_JS = 'export default function analyze(params) { return {result: "success"}; }'
@@ -436,7 +436,7 @@ def bench_scale(
                 for _ in range(50):
                     with conn.transaction(force_rollback=True):
                         started = time.perf_counter()
-                        conn.execute(QUERIES["claim_jobs"], {"limit": 50, "worker_id": "bench"}).fetchall()
+                        claim_jobs(conn, 50, "bench")
                         timings.append((time.perf_counter() - started) * 1000)
                 claim[history].values.append(statistics.median(timings))
                 with workers(url, 1, "--concurrency", "128", "--pool-processes", "2") as procs:

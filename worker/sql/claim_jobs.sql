@@ -1,41 +1,24 @@
--- Claim up to %(limit)s due pending jobs for one worker. The subquery with
--- LIMIT ... SKIP LOCKED picks them in claim order from the partial index
--- analysis_jobs_claim_idx; as an ARRAY(...) it runs once (an "id IN (subquery)"
--- may be re-run and take more than %(limit)s rows, PostgreSQL bug #15715) and
--- the rows are then fetched by primary key. Written so, the statement has one
--- good generic plan (the claim connection runs with plan_cache_mode =
--- force_generic_plan, so it is not planned again at every claim). Rows come back
--- in no particular order, with their priority for the worker to restore claim
--- order. Each job comes with its analysis and the analysis's declared
--- dependencies (NULL when it has none).
-UPDATE analysis_jobs AS job
-SET status = 'running',
-    started_at = now(),
-    heartbeat_at = now(),
-    worker_id = %(worker_id)s,
-    attempts = job.attempts + 1,
-    analysis_version = analysis.version
-FROM analyses AS analysis
-WHERE job.id = ANY (ARRAY(
-        SELECT id
-        FROM analysis_jobs
-        WHERE status = 'pending'
-          AND run_at <= now()
-        ORDER BY priority DESC, run_at, created_at
-        LIMIT %(limit)s
-        FOR NO KEY UPDATE SKIP LOCKED
-    ))
-  AND analysis.id = job.analysis_id
-RETURNING
+-- Claim up to %(limit)s due pending jobs, part 1 of 2: lock them and read
+-- what running them takes. The rows are locked in claim order from the partial
+-- index analysis_jobs_claim_idx (LIMIT ... SKIP LOCKED) and read as locked: a
+-- job changed meanwhile is read as it is now. Each comes with its analysis and
+-- the analysis's declared dependencies (NULL when it has none). The locking
+-- subquery is planned on its own, so the statement has one good generic plan
+-- (the claim connection runs with plan_cache_mode = force_generic_plan); rows
+-- come back in no particular order, with what the worker needs to restore
+-- claim order. Part 2, mark_jobs_running.sql, marks them running in
+-- the same transaction: the worker can start a JavaScript job as soon as these
+-- rows arrive, without waiting for that UPDATE (nor for the commit).
+SELECT
     job.id,
     job.priority,
     job.analysis_id,
-    job.parameters::text AS parameters_json,
-    job.attempts AS attempt,
+    job.parameters_json,
+    job.attempts + 1 AS attempt,
     job.max_attempts,
     job.created_at,
     job.run_at,
-    job.started_at,
+    now() AS started_at,
     analysis.version AS analysis_version,
     analysis.is_active,
     analysis.runtime,
@@ -48,3 +31,21 @@ RETURNING
                      ORDER BY dep.name)
      FROM analysis_dependencies AS dep
      WHERE dep.analysis_id = job.analysis_id)::text AS dependencies_json
+FROM (
+    SELECT id, priority, analysis_id, parameters::text AS parameters_json, attempts, max_attempts, created_at, run_at
+    FROM analysis_jobs
+    WHERE status = 'pending'
+      AND run_at <= now()
+    ORDER BY priority DESC, run_at, created_at
+    LIMIT %(limit)s
+    FOR NO KEY UPDATE SKIP LOCKED
+) AS job
+-- LATERAL with OFFSET 0: each job's analysis by primary key, never a scan of
+-- every analysis (which a generic plan's guess at the LIMIT would pick).
+CROSS JOIN LATERAL (
+    SELECT version, is_active, runtime, script_content, script_name, timeout_ms, memory_limit_mb,
+           retry_script_errors
+    FROM analyses
+    WHERE analyses.id = job.analysis_id
+    OFFSET 0
+) AS analysis

@@ -1,0 +1,26 @@
+"""The worker's two-statement claim, on a plain (synchronous) connection, for tests and benchmarks."""
+
+from __future__ import annotations
+
+import psycopg
+from psycopg.rows import dict_row
+
+from worker.lifecycle import ClaimedJob, in_claim_order
+from worker.queries import QUERIES
+
+
+def claim_jobs(conn: psycopg.Connection, limit: int, worker_id: str) -> list[ClaimedJob]:
+    """Lock and read up to ``limit`` due jobs, then mark them running, in one transaction."""
+    with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+        jobs = in_claim_order(cur.execute(QUERIES["claim_jobs"], {"limit": limit}).fetchall())
+        cur.execute(QUERIES["mark_jobs_running"], mark_params(jobs, worker_id))
+        assert cur.rowcount == len(jobs)
+    return jobs
+
+
+def mark_params(jobs: list[ClaimedJob], worker_id: str) -> dict[str, object]:
+    return {
+        "worker_id": worker_id,
+        "ids": [job.id for job in jobs],
+        "analysis_versions": [job.analysis_version for job in jobs],
+    }

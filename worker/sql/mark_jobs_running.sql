@@ -1,0 +1,13 @@
+-- Claim, part 2 of 2: mark the jobs claim_jobs.sql locked as running on this
+-- worker, in the same transaction (its now() is part 1's). Nobody else can
+-- have changed them: they are locked.
+UPDATE analysis_jobs AS job
+SET status = 'running',
+    started_at = now(),
+    heartbeat_at = now(),
+    worker_id = %(worker_id)s,
+    attempts = job.attempts + 1,
+    analysis_version = claimed.analysis_version
+FROM unnest(%(ids)s::uuid[], %(analysis_versions)s::int[]) AS claimed (id, analysis_version)
+WHERE job.id = claimed.id
+RETURNING job.id
