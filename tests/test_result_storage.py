@@ -183,13 +183,19 @@ def test_5mb_results_round_trip_byte_for_byte(
 def test_file_backed_result_needs_the_storage_dir_to_be_read_from_the_cli(
     db: psycopg.Connection, database_url: str, start_worker: Callable[..., WorkerProcess], tmp_path: Path
 ) -> None:
-    env, _ = backend_env("filesystem", tmp_path)
+    env, folder = backend_env("filesystem", tmp_path)
+    assert folder is not None
     start_worker(env=env)
     job = submit(db, create_analysis(db, script="export default function analyze() { return 'z'.repeat(300000); }"))
     assert wait_for_jobs(db, [job])[job]["status"] == "completed"
     shown = show_result(database_url, job)
     assert shown.returncode == 2
     assert b"set RESULT_STORAGE_DIR" in shown.stderr
+    # A file lost from the storage folder is a failure of the storage, not bad input: exit 1.
+    (folder / storage_row(db, job)["location"]).unlink()  # type: ignore[index]
+    shown = show_result(database_url, job, "--result-storage-dir", str(folder))
+    assert shown.returncode == 1, shown.stderr
+    assert b"is missing" in shown.stderr
 
 
 def test_result_just_under_the_inline_limit_stays_in_the_job_row(
@@ -276,6 +282,49 @@ def test_retention_deletes_stored_results_with_their_jobs_and_the_files_of_delet
     assert storage_row(db, old) is None
     assert not files[old].exists() and not files[deleted_by_user].exists()
     assert files[kept].is_file() and storage_row(db, kept) is not None
+    assert db.execute("SELECT count(*) FROM analysis_result_file_deletions").fetchone() == (0,)
+
+
+def test_a_result_file_that_cannot_be_deleted_does_not_hold_up_the_others(
+    db: psycopg.Connection, database_url: str, tmp_path: Path
+) -> None:
+    env, folder = backend_env("filesystem", tmp_path)
+    assert folder is not None
+    settings = load_settings({"database_url": database_url}, {**env, "DATABASE_URL": database_url})
+    stuck = folder / "ab" / "stuck.json.gz"
+    (stuck / "inside").mkdir(parents=True)  # a non-empty directory in the file's place: unlink fails, even as root
+    others = [folder / "cd" / f"{n}.json.gz" for n in range(3)]
+    for path in others:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    locations = [str(path.relative_to(folder)) for path in (stuck, *others)]
+    db.execute(
+        "INSERT INTO analysis_result_file_deletions (location, queued_at)"
+        " SELECT location, now() - interval '1 hour' + n * interval '1 second'"
+        " FROM unnest(%s::text[]) WITH ORDINALITY AS queued (location, n)",
+        (locations,),
+    )
+
+    async def prune() -> None:
+        async with AsyncConnectionPool(database_url, min_size=1, kwargs={"autocommit": True}) as pool:
+            await Pruner(settings, pool, ResultStore(settings)).prune_finished_jobs()
+
+    asyncio.run(prune())
+    assert not any(path.exists() for path in others)  # the oldest entry failed; the rest were deleted
+    row = db.execute(
+        "SELECT location, attempts, last_error, next_attempt_at > now() + interval '4 minutes'"
+        " FROM analysis_result_file_deletions"
+    ).fetchall()
+    assert len(row) == 1 and row[0][:2] == (locations[0], 1) and row[0][3], row
+    assert "IsADirectoryError" in row[0][2]
+
+    asyncio.run(prune())  # not due yet: not tried again
+    assert db.execute("SELECT attempts FROM analysis_result_file_deletions").fetchone() == (1,)
+
+    (stuck / "inside").rmdir()
+    stuck.rmdir()
+    db.execute("UPDATE analysis_result_file_deletions SET next_attempt_at = now()")
+    asyncio.run(prune())  # due again, and gone by now: forgotten
     assert db.execute("SELECT count(*) FROM analysis_result_file_deletions").fetchone() == (0,)
 
 

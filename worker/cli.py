@@ -461,7 +461,7 @@ def _show(args: argparse.Namespace) -> int:
 
 def _show_result(args: argparse.Namespace) -> int:
     """Stream the job's result to stdout; exit 2 when there is none, 1 when it cannot be read whole."""
-    from worker.result_storage import StoredResultCorrupt, find_result, read_result
+    from worker.result_storage import StoredResultCorrupt, StoredResultGone, find_result, read_result
 
     async def stream() -> None:
         async with await _connect(args) as conn:
@@ -478,7 +478,7 @@ def _show_result(args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(stream())
-    except StoredResultCorrupt as exc:
+    except (StoredResultCorrupt, StoredResultGone) as exc:
         print(f"analysis-executor: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_OK

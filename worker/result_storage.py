@@ -53,6 +53,10 @@ class StoredResultCorrupt(RuntimeError):
     """A stored result's bytes do not match its recorded size or checksum."""
 
 
+class StoredResultGone(ResultNotAvailable):
+    """The job has a stored result, but its file or row is gone (a storage failure, not bad input)."""
+
+
 @dataclass(frozen=True, slots=True)
 class StoredResult:
     """A result written (or about to be written) outside its job row."""
@@ -172,17 +176,21 @@ class ResultStore:
             with contextlib.suppress(FileNotFoundError):
                 (self.storage_dir / stored.location).unlink()
 
-    def delete_files(self, locations: list[str]) -> None:
+    def delete_files(self, locations: list[str]) -> dict[str, str]:
         """Delete result files no row refers to any more; missing ones are fine.
 
-        Raises OSError for a file that exists but cannot be deleted.
+        Returns the files that exist but could not be deleted, with the reason.
         """
         assert self.storage_dir is not None
+        failed: dict[str, str] = {}
         for location in locations:
             try:
                 resolve_location(self.storage_dir, location).unlink()
             except (FileNotFoundError, ResultNotAvailable):
                 continue
+            except OSError as exc:
+                failed[location] = f"{type(exc).__name__}: {exc.strerror or exc}"
+        return failed
 
 
 def _failed(outcome: dict[str, Any], message: str) -> dict[str, Any]:
@@ -343,7 +351,7 @@ async def _compressed_slices(
         try:
             file = await asyncio.to_thread(path.open, "rb")
         except FileNotFoundError:
-            raise ResultNotAvailable(f"the result file of job {info.job_id} ({info.location}) is missing") from None
+            raise StoredResultGone(f"the result file of job {info.job_id} ({info.location}) is missing") from None
         try:
             while piece := await asyncio.to_thread(file.read, READ_CHUNK_BYTES):
                 yield piece
@@ -360,7 +368,7 @@ async def _compressed_slices(
             )
             row = await cur.fetchone()
         if row is None:
-            raise ResultNotAvailable(f"the stored result of job {info.job_id} was replaced or deleted while being read")
+            raise StoredResultGone(f"the stored result of job {info.job_id} was replaced or deleted while being read")
         piece: bytes = row[0]
         if piece:
             yield piece

@@ -44,7 +44,8 @@ class Pruner:
     async def prune_finished_jobs(self) -> int:
         """One pass; returns how many jobs were deleted (0 when another replica holds the lock).
 
-        Raises OSError when a result file exists but cannot be deleted (it stays queued).
+        A result file that exists but cannot be deleted stays queued, for a later
+        attempt (with a growing delay); the other files are deleted meanwhile.
         """
         days = self._settings.job_retention_days
         deleted = 0
@@ -81,9 +82,23 @@ class Pruner:
             if not locations:
                 break
             # Files first, then the queue rows: a crash in between only repeats a deletion.
-            await asyncio.to_thread(self._results.delete_files, locations)
-            await conn.execute(QUERIES["forget_result_file_deletions"], {"locations": locations})
-            removed += len(locations)
+            failed = await asyncio.to_thread(self._results.delete_files, locations)
+            done = [location for location in locations if location not in failed]
+            await conn.execute(QUERIES["forget_result_file_deletions"], {"locations": done})
+            if failed:
+                # Retried later; the rest of the queue does not wait for them.
+                await conn.execute(
+                    QUERIES["postpone_result_file_deletions"],
+                    {"locations": list(failed), "errors": list(failed.values())},
+                )
+                location, reason = next(iter(failed.items()))
+                log.warning(
+                    "retention: could not delete %d result file(s), e.g. %s (%s); will try again later",
+                    len(failed),
+                    location,
+                    reason,
+                )
+            removed += len(done)
             if len(locations) < _BATCH:
                 break
         if removed:
