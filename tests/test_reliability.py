@@ -254,6 +254,9 @@ def test_a_claim_whose_commit_fails_stops_its_started_job_which_runs_again(
     assert attempts_history(db, job_id) == []
     assert f"Job {job_id} stopped: claim not committed" in worker.output()
     assert "injected: the claim cannot commit" in worker.output()
+    metrics = worker.get("/metrics")[1]
+    assert 'analysis_executor_jobs_claimed_total{runtime="javascript"} 1.0' in metrics  # not the failed claim
+    assert "analysis_executor_jobs_in_flight 0.0" in metrics
 
 
 # --- retries -----------------------------------------------------------------

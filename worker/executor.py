@@ -224,6 +224,7 @@ class Executor:
                         _check_marked(jobs, await cur.fetchall())
                 claim.settle(committed=True)
                 self._start(jobs, claim)
+                self._lifecycle.claimed(jobs)
                 return jobs
             async with conn.pipeline() as pipeline:
                 try:
@@ -245,6 +246,7 @@ class Executor:
                     self._claim_conn.abandon()
                     raise
             claim.settle(committed=True)
+            self._lifecycle.claimed(jobs)
             return jobs
         except TimeoutError:
             raise psycopg.OperationalError(
@@ -300,7 +302,7 @@ class Executor:
             delay = min(delay * 2, _SETTLE_MAX_DELAY_SECONDS)
 
     def _start(self, jobs: list[ClaimedJob], claim: _Claim) -> None:
-        self._lifecycle.claimed(jobs)
+        self._lifecycle.started(jobs)
         for job in jobs:
             task = asyncio.create_task(self._run_job(job, claim), name=f"job-{job.id}")
             task.add_done_callback(_log_unexpected_error)

@@ -73,14 +73,17 @@ class JobLifecycle:
             child = self._children[key] = metric.labels(*labels)
         return child
 
-    def claimed(self, jobs: list[ClaimedJob]) -> None:
-        """Jobs were claimed and are about to run."""
+    def started(self, jobs: list[ClaimedJob]) -> None:
+        """Jobs were claimed and are about to run (their claim may still be committing)."""
         if jobs:
             log.debug("Found %d pending jobs", len(jobs))
+        self._metrics.jobs_in_flight.inc(len(jobs))
+
+    def claimed(self, jobs: list[ClaimedJob]) -> None:
+        """The claim of these jobs committed: they are this worker's."""
         for job in jobs:
             self._child(self._metrics.jobs_claimed, job.runtime).inc()
             self._child(self._metrics.queue_wait, job.runtime).observe(job.queue_wait_seconds)
-        self._metrics.jobs_in_flight.inc(len(jobs))
 
     def finished(self, job: ClaimedJob, outcome: dict[str, Any], *, stored_status: str | None, seconds: float) -> None:
         """A job's attempt ended: ``stored_status`` is what the row now says (None: fenced off)."""
