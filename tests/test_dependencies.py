@@ -160,6 +160,11 @@ def test_failing_dependencies_fail_the_job_naming_the_dependency(
         "slow": ("SELECT pg_sleep(5)", "main", "dependency 'slow' (datasource 'main') exceeded its 300 ms"),
         "broken": ("SELECT * FROM no_such_table", "main", 'failed: relation "no_such_table" does not exist'),
         "huge": ("SELECT g FROM generate_series(1, 1000000) AS g", "main", "returned more than 1000 rows"),
+        "wide": (
+            "SELECT repeat('x', 100000) AS blob FROM generate_series(1, 500)",
+            "main",
+            "brought the job's datasets over 1.0 MiB (DEPENDENCY_MAX_BYTES)",
+        ),
         "needs": ("SELECT %(missing)s AS x", "main", "the query uses %(missing)s but the job has no parameter"),
         "two": ("SELECT 1; DELETE FROM analysis_jobs", "main", "cannot insert multiple commands"),
         "elsewhere": ("SELECT 1", "warehouse", "uses datasource 'warehouse', which this worker does not have"),
@@ -170,7 +175,8 @@ def test_failing_dependencies_fail_the_job_naming_the_dependency(
         declare(db, analysis, name, query, datasource)
         jobs[name] = submit(db, analysis)
     ok = create_analysis(db, script="export default () => 'still fine'")
-    start_worker("--concurrency", "2", env={"DEPENDENCY_TIMEOUT_MS": "300", "DEPENDENCY_MAX_ROWS": "1000"})
+    limits = {"DEPENDENCY_TIMEOUT_MS": "300", "DEPENDENCY_MAX_ROWS": "1000", "DEPENDENCY_MAX_BYTES": "1048576"}
+    start_worker("--concurrency", "2", env=limits)
     rows = wait_for_jobs(db, list(jobs.values()))
     for name, (_, _, message) in cases.items():
         row = rows[jobs[name]]

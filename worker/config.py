@@ -67,6 +67,7 @@ class Settings:
     datasources: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), repr=False)
     dependency_timeout_ms: int = 30_000
     dependency_max_rows: int = 10_000
+    dependency_max_bytes: int = 64 * 1024 * 1024
     datasource_pool_size: int = 4
 
     @property
@@ -122,6 +123,7 @@ _ENV_NAMES = {
     "datasources_file": "DATASOURCES_FILE",
     "dependency_timeout_ms": "DEPENDENCY_TIMEOUT_MS",
     "dependency_max_rows": "DEPENDENCY_MAX_ROWS",
+    "dependency_max_bytes": "DEPENDENCY_MAX_BYTES",
     "datasource_pool_size": "DATASOURCE_POOL_SIZE",
 }
 
@@ -143,6 +145,7 @@ _POSITIVE_INTS = {
     "http_max_body_bytes": (1024, 1 << 30),
     "dependency_timeout_ms": (1, 86_400_000),
     "dependency_max_rows": (1, 10_000_000),
+    "dependency_max_bytes": (1024, 1 << 40),
     "datasource_pool_size": (1, 100),
 }
 

@@ -8,8 +8,9 @@ and hands the rows to the script: ``ctx.datasets.<name>`` in JavaScript, a
 Each query runs in its own READ ONLY transaction that is always rolled back,
 on a connection whose session state is discarded before it is reused (so
 even a ``SET`` or an advisory lock in it leaves nothing behind),
-under a statement timeout, and its rows are streamed with a cap, so a query
-that returns millions of rows fails fast instead of filling memory. Job
+under a statement timeout, and its rows are streamed with caps on their
+count (per query) and size (per job), so a query that returns millions of
+rows, or a few huge ones, fails fast instead of filling the worker's memory. Job
 parameters are bound as query parameters (``%(name)s``), never formatted
 into the SQL.
 
@@ -33,11 +34,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+from psycopg.pq.abc import PGresult
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from worker.db import redact_database_url
 from worker.metrics import Metrics
+from worker.runtimes.protocol import format_size
 
 _PLACEHOLDER = re.compile(r"%\((\w+)\)s")
 # How long a job waits for a connection to a datasource (never longer than its own time limit).
@@ -85,12 +88,14 @@ class Datasources:
         pool_size: int,
         statement_timeout_ms: int,
         max_rows: int,
+        max_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         self._urls = {name.lower(): url for name, url in urls.items()}
         self._metrics = metrics
         self._pool_size = pool_size
         self._statement_timeout_ms = statement_timeout_ms
         self._max_rows = max_rows
+        self._max_bytes = max_bytes
         self._pools: dict[str, AsyncConnectionPool] = {}
         self._opening: dict[str, asyncio.Lock] = {}
         for name in self._urls:
@@ -109,16 +114,18 @@ class Datasources:
 
         ``timeout_ms`` (the job's time limit) caps each query's statement
         timeout and the wait for a connection: a job never waits on its data
-        longer than it may run. Raises DependencyError naming the first
-        dependency that failed.
+        longer than it may run. Their rows together may take up to
+        ``max_bytes`` (as sent by the server). Raises DependencyError naming
+        the first dependency that failed.
         """
         datasets: dict[str, list[dict[str, Any]]] = {}
+        budget = _Budget(self._max_bytes)
         for dependency in dependencies:
-            datasets[dependency.name] = await self._fetch_one(dependency, parameters, timeout_ms)
+            datasets[dependency.name] = await self._fetch_one(dependency, parameters, timeout_ms, budget)
         return datasets
 
     async def _fetch_one(
-        self, dependency: Dependency, parameters: Mapping[str, Any], job_timeout_ms: int
+        self, dependency: Dependency, parameters: Mapping[str, Any], job_timeout_ms: int, budget: _Budget
     ) -> list[dict[str, Any]]:
         label = f"dependency {dependency.name!r} (datasource {dependency.datasource!r})"
         bound = _bind(dependency, parameters)
@@ -127,7 +134,7 @@ class Datasources:
         timeout_ms = min(job_timeout_ms, self._statement_timeout_ms)
         started = time.monotonic()
         try:
-            rows = await self._run(pool, dependency.query, bound, timeout_ms, wait_seconds, label)
+            rows = await self._run(pool, dependency.query, bound, timeout_ms, wait_seconds, label, budget)
         except DependencyError:
             self._metrics.dependency_errors.labels(dependency.datasource.lower()).inc()
             raise
@@ -142,20 +149,25 @@ class Datasources:
         timeout_ms: int,
         wait_seconds: float,
         label: str,
+        budget: _Budget,
     ) -> list[dict[str, Any]]:
         try:
             async with pool.connection(timeout=wait_seconds) as conn:
                 try:
-                    return await _read_only_rows(conn, query, bound, timeout_ms, self._max_rows)
-                except _TooManyRows:
+                    return await _read_only_rows(conn, query, bound, timeout_ms, self._max_rows, budget)
+                except (_TooManyRows, _TooMuchData) as exc:
                     # Stop the server producing rows nobody will read, and do not
                     # give the pool back a connection that is still draining them.
                     await conn.cancel_safe()
                     await conn.close()
-                    raise DependencyError(
-                        f"{label} returned more than {self._max_rows} rows (DEPENDENCY_MAX_ROWS); "
-                        "narrow the query or aggregate in SQL"
-                    ) from None
+                    if isinstance(exc, _TooMuchData):
+                        message = (
+                            f"{label} brought the job's datasets over {format_size(self._max_bytes)} "
+                            "(DEPENDENCY_MAX_BYTES)"
+                        )
+                    else:
+                        message = f"{label} returned more than {self._max_rows} rows (DEPENDENCY_MAX_ROWS)"
+                    raise DependencyError(f"{message}; narrow the query or aggregate in SQL") from None
         except PoolTimeout:
             raise DependencyError(
                 f"{label}: no connection to the datasource within {wait_seconds:g} s", retryable=True
@@ -211,6 +223,27 @@ class _TooManyRows(Exception):
     pass
 
 
+class _TooMuchData(Exception):
+    pass
+
+
+class _Budget:
+    """Bytes the rows of one job's dependencies may still take."""
+
+    __slots__ = ("left",)
+
+    def __init__(self, max_bytes: int) -> None:
+        self.left = max_bytes
+
+    def spend_on(self, result: PGresult) -> None:
+        """Count a batch of rows as the server sent them; _TooMuchData once over."""
+        fields = range(result.nfields)
+        for row in range(result.ntuples):
+            self.left -= sum(len(result.get_value(row, field) or b"") for field in fields)
+        if self.left < 0:
+            raise _TooMuchData
+
+
 async def _discard_session_state(conn: psycopg.AsyncConnection) -> None:
     """Before a connection goes back to the pool: drop what outlives a rolled-back transaction.
 
@@ -222,7 +255,12 @@ async def _discard_session_state(conn: psycopg.AsyncConnection) -> None:
 
 
 async def _read_only_rows(
-    conn: psycopg.AsyncConnection, query: str, bound: dict[str, Any], timeout_ms: int, max_rows: int
+    conn: psycopg.AsyncConnection,
+    query: str,
+    bound: dict[str, Any],
+    timeout_ms: int,
+    max_rows: int,
+    budget: _Budget,
 ) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     async with conn.transaction(force_rollback=True):
@@ -230,11 +268,16 @@ async def _read_only_rows(
         await conn.execute("SELECT set_config('statement_timeout', %s, true)", (str(timeout_ms),))
         cur = conn.cursor()
         columns: list[str] | None = None
+        counted: PGresult | None = None
         async for row in cur.stream(query, bound, size=_CHUNK_ROWS):
             if columns is None:
                 columns = [column.name for column in cur.description or ()]
             if len(rows) >= max_rows:
                 raise _TooManyRows
+            if cur.pgresult is not counted:  # a new batch of rows arrived
+                counted = cur.pgresult
+                if counted is not None:
+                    budget.spend_on(counted)
             rows.append(dict(zip(columns, row, strict=True)))
     return rows
 

@@ -71,6 +71,7 @@ class Worker:
             pool_size=settings.datasource_pool_size,
             statement_timeout_ms=settings.dependency_timeout_ms,
             max_rows=settings.dependency_max_rows,
+            max_bytes=settings.dependency_max_bytes,
         )
         self.draining = False
         self._started_at = time.monotonic()
