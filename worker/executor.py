@@ -2,9 +2,10 @@
 
 Woken by ``Wakeups`` (notification, poll, timer, start-up, a slot freeing up
 while more work is waiting), it claims in one transaction
-(``sql/claim_jobs.sql``, ``sql/mark_jobs_running.sql``), hands each job to the process pool and passes the
-outcome to the recorder. A job holds its slot until its outcome is written,
-so a worker never has more than ``MAX_CONCURRENT_JOBS`` rows ``running``.
+(``sql/claim_jobs.sql``, ``sql/mark_jobs_running.sql``), hands each job to
+the process pool and passes the outcome to the recorder. A job holds its
+slot until its outcome is written, so a worker never has more than
+``MAX_CONCURRENT_JOBS`` rows ``running``.
 
 A running job can be stopped from outside: cancelled by a user, taken away
 when its lease was lost, or killed at the end of a shutdown's grace period.
