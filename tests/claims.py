@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import psycopg
 from psycopg.rows import dict_row
 
@@ -9,9 +11,15 @@ from worker.lifecycle import ClaimedJob, in_claim_order
 from worker.queries import QUERIES
 
 
-def claim_jobs(conn: psycopg.Connection, limit: int, worker_id: str) -> list[ClaimedJob]:
-    """Lock and read up to ``limit`` due jobs, then mark them running, in one transaction."""
-    with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+def claim_jobs(
+    conn: psycopg.Connection, limit: int, worker_id: str, *, own_transaction: bool = True
+) -> list[ClaimedJob]:
+    """Lock and read up to ``limit`` due jobs, then mark them running, in one transaction.
+
+    Without ``own_transaction`` the caller's transaction is used (no savepoint).
+    """
+    transaction = conn.transaction() if own_transaction else contextlib.nullcontext()
+    with transaction, conn.cursor(row_factory=dict_row) as cur:
         jobs = in_claim_order(cur.execute(QUERIES["claim_jobs"], {"limit": limit}).fetchall())
         cur.execute(QUERIES["mark_jobs_running"], mark_params(jobs, worker_id))
         assert cur.rowcount == len(jobs)

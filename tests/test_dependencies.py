@@ -161,7 +161,7 @@ def test_failing_dependencies_fail_the_job_naming_the_dependency(
         "broken": ("SELECT * FROM no_such_table", "main", 'failed: relation "no_such_table" does not exist'),
         "huge": ("SELECT g FROM generate_series(1, 1000000) AS g", "main", "returned more than 1000 rows"),
         "wide": (
-            "SELECT repeat('x', 100000) AS blob FROM generate_series(1, 500)",
+            "SELECT repeat('x', 10000) AS blob FROM generate_series(1, 200)",
             "main",
             "brought the job's datasets over 1.0 MiB (DEPENDENCY_MAX_BYTES)",
         ),

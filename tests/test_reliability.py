@@ -387,22 +387,33 @@ def test_a_claim_still_running_when_the_grace_period_ends_is_rolled_back(
     wait_until(lambda: db.execute(_CLAIM_SESSIONS).fetchone() == (0,), timeout=15, what="claim connection gone")
     row = db.execute("SELECT status, attempts, worker_id FROM analysis_jobs WHERE id = %s", (job_id,)).fetchone()
     assert row == ("pending", 0, None), worker.output()
-    assert "giving it up" in worker.output()
+    assert "claiming did not finish within the grace period" in worker.output()
 
 
 @pytest.mark.faults
+@pytest.mark.parametrize(
+    "commit_body",
+    [
+        "PERFORM pg_sleep(4); RETURN NULL;",
+        # The cancel is swallowed: the claim commits after all, and must be handed back.
+        "BEGIN PERFORM pg_sleep(4); EXCEPTION WHEN query_canceled THEN NULL; END; RETURN NULL;",
+    ],
+    ids=["rolled back", "committed after all"],
+)
 def test_a_claim_whose_commit_outlasts_the_shutdown_is_handed_back(
-    db: psycopg.Connection, start_worker: Callable[..., WorkerProcess]
+    db: psycopg.Connection, start_worker: Callable[..., WorkerProcess], commit_body: str
 ) -> None:
     """Its COMMIT still running when the grace period ends, the claim is given up: cancelled and
     rolled back, or handed back if it committed after all, never left 'running' for the lease."""
-    _at_claim_commit(db, "PERFORM pg_sleep(4); RETURN NULL;")
+    _at_claim_commit(db, commit_body)
     worker = start_worker(env={"SHUTDOWN_GRACE_SECONDS": "1"})
     job_id = submit(db, create_analysis(db, script=GOOD))
     _sigterm_while_claiming(db, worker)
     row = db.execute("SELECT status, attempts, worker_id FROM analysis_jobs WHERE id = %s", (job_id,)).fetchone()
     assert row == ("pending", 0, None), worker.output()
     assert "stopped: claim not committed" in worker.output()
+    if "EXCEPTION" in commit_body:
+        assert "handed 1 unfinished job(s) back to the queue" in worker.output()
 
 
 @pytest.mark.faults

@@ -328,6 +328,30 @@ def test_a_result_file_that_cannot_be_deleted_does_not_hold_up_the_others(
     assert db.execute("SELECT count(*) FROM analysis_result_file_deletions").fetchone() == (0,)
 
 
+def test_result_files_are_not_forgotten_while_the_storage_folder_is_away(
+    db: psycopg.Connection, database_url: str, tmp_path: Path
+) -> None:
+    env, folder = backend_env("filesystem", tmp_path)
+    assert folder is not None
+    settings = load_settings({"database_url": database_url}, {**env, "DATABASE_URL": database_url})
+    orphan = folder / "ef" / "orphan.json.gz"
+    orphan.parent.mkdir()
+    orphan.write_bytes(b"x")
+    db.execute("INSERT INTO analysis_result_file_deletions (location) VALUES ('ef/orphan.json.gz')")
+
+    async def prune() -> None:
+        async with AsyncConnectionPool(database_url, min_size=1, kwargs={"autocommit": True}) as pool:
+            await Pruner(settings, pool, ResultStore(settings)).prune_finished_jobs()
+
+    folder.rename(tmp_path / "unmounted")  # the volume is away: the file is not "already deleted"
+    asyncio.run(prune())
+    assert db.execute("SELECT count(*) FROM analysis_result_file_deletions").fetchone() == (1,)
+    (tmp_path / "unmounted").rename(folder)
+    asyncio.run(prune())
+    assert not orphan.exists()
+    assert db.execute("SELECT count(*) FROM analysis_result_file_deletions").fetchone() == (0,)
+
+
 def _claimed(job_id: str, analysis_id: str, attempt: int) -> ClaimedJob:
     now = datetime.now(UTC)
     return ClaimedJob(

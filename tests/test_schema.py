@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
 
 import psycopg
 import pytest
@@ -381,6 +382,47 @@ def test_claim_reads_only_pending_rows_with_a_large_history(
     expected = "analysis_jobs_claim_idx" if pending > 1000 else "analysis_jobs_"
     scans = [line for line in plan.splitlines() if "Index" in line and "Scan" in line and " on analysis_jobs " in line]
     assert any(expected in line and "pkey" not in line for line in scans), plan
+
+
+def test_a_hand_back_is_fenced_by_its_claim_not_only_by_worker_and_attempt(
+    db: psycopg.Connection, analysis_id: str
+) -> None:
+    """A claim that rolled back spent no attempt: a late hand-back of its jobs must not hit a later claim's."""
+    db.execute("INSERT INTO analysis_jobs (analysis_id) VALUES (%s)", (analysis_id,))
+    (job,) = claim_jobs(db, 1, "w1")
+    release = {"ids": [job.id], "attempts": [job.attempt], "worker_id": "w1"}
+    stale = job.started_at - timedelta(milliseconds=1)  # the same attempt, from a claim that rolled back
+    assert db.execute(QUERIES["release_jobs"], {**release, "started_ats": [stale]}).rowcount == 0
+    assert db.execute(QUERIES["release_jobs"], {**release, "started_ats": [job.started_at]}).rowcount == 1
+    row = db.execute("SELECT status, attempts, worker_id FROM analysis_jobs WHERE id = %s", (job.id,)).fetchone()
+    assert row == ("pending", 0, None)
+
+
+def _mark_plan(db: psycopg.Connection) -> str:
+    """The generic plan of the claim's UPDATE, as the worker runs it."""
+    with db.transaction():
+        statement = (
+            QUERIES["mark_jobs_running"]
+            .replace("%(worker_id)s", "$1")
+            .replace("%(ids)s", "$2")
+            .replace("%(analysis_versions)s", "$3")
+        )
+        db.execute(f"PREPARE mark_plan (text, uuid[], int[]) AS {statement}")
+        db.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+        explain = "EXPLAIN (FORMAT TEXT) EXECUTE mark_plan ('w', ARRAY[gen_random_uuid()], ARRAY[1])"
+        plan = db.execute(explain).fetchall()
+        db.execute("DEALLOCATE mark_plan")
+    return "\n".join(r[0] for r in plan)
+
+
+def test_the_claims_update_finds_its_rows_by_primary_key(db: psycopg.Connection, analysis_id: str) -> None:
+    db.execute(
+        "INSERT INTO analysis_jobs (analysis_id, status) SELECT %s, 'completed' FROM generate_series(1, 20000)",
+        (analysis_id,),
+    )
+    db.execute("ANALYZE analysis_jobs")
+    plan = _mark_plan(db)
+    assert "analysis_jobs_pkey" in plan and "Seq Scan on analysis_jobs" not in plan, plan
 
 
 def test_claim_query_claims_in_priority_order_and_respects_the_limit(db: psycopg.Connection, analysis_id: str) -> None:

@@ -48,7 +48,8 @@ _CLAIM_COMMIT_TIMEOUT_SECONDS = 30.0
 # Handing jobs back never waits long for row locks (an uncommitted claim may hold them).
 _RELEASE_LOCK_TIMEOUT = "5s"
 _RECORD_AT_SHUTDOWN_SECONDS = 10.0
-_GIVE_UP_CLAIM_SECONDS = 5.0
+# psycopg spends up to 5 s sending a cancel request and 5 s more waiting for it to land.
+_GIVE_UP_CLAIM_SECONDS = 10.0
 # Retry delays while submitters finish committing (see _announce_waiting).
 _SETTLE_FIRST_DELAY_SECONDS = 0.0005
 _SETTLE_MAX_DELAY_SECONDS = 0.02
@@ -487,7 +488,7 @@ class Executor:
         """
         if self._run_task is None or self._run_task.done():
             return
-        log.warning("the claim under way did not finish within the grace period; giving it up")
+        log.warning("claiming did not finish within the grace period; stopping it (an uncommitted claim rolls back)")
         self._run_task.cancel()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._claim_finished.wait(), _GIVE_UP_CLAIM_SECONDS)
@@ -499,6 +500,7 @@ class Executor:
         params = {
             "ids": [job.id for job in jobs],
             "attempts": [job.attempt for job in jobs],
+            "started_ats": [job.started_at for job in jobs],
             "worker_id": self._settings.worker_id,
         }
         try:

@@ -194,6 +194,8 @@ def _add_job_api(app: web.Application, settings: Settings, db_pool: AsyncConnect
             try:
                 first = await anext(body, b"")  # a missing file or row is still a clean 404
             except result_storage.ResultNotAvailable as exc:
+                if isinstance(exc, result_storage.StoredResultGone):  # the storage lost it: tell the operator
+                    log.warning("Job %s: %s", info.job_id, exc, extra={"job_id": info.job_id})
                 return _error(404, str(exc))
             except result_storage.StoredResultCorrupt as exc:
                 log.error("Job %s: %s", info.job_id, exc, extra={"job_id": info.job_id})

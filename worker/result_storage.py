@@ -102,12 +102,12 @@ def file_location(job_id: str, attempt: int) -> str:
 def resolve_location(storage_dir: Path, location: str) -> Path:
     """The file for a ``location`` read from the database, which must stay inside ``storage_dir``.
 
-    Raises ResultNotAvailable for an absolute path or one that escapes the folder.
+    Raises StoredResultGone for an absolute path or one that escapes the folder.
     """
     root = storage_dir.resolve()
     path = (root / location).resolve()
     if Path(location).is_absolute() or not path.is_relative_to(root):
-        raise ResultNotAvailable(f"stored result location {location!r} is outside RESULT_STORAGE_DIR")
+        raise StoredResultGone(f"stored result location {location!r} is outside RESULT_STORAGE_DIR")
     return path
 
 

@@ -436,7 +436,7 @@ def bench_scale(
                 for _ in range(50):
                     with conn.transaction(force_rollback=True):
                         started = time.perf_counter()
-                        claim_jobs(conn, 50, "bench")
+                        claim_jobs(conn, 50, "bench", own_transaction=False)
                         timings.append((time.perf_counter() - started) * 1000)
                 claim[history].values.append(statistics.median(timings))
                 with workers(url, 1, "--concurrency", "128", "--pool-processes", "2") as procs:

@@ -75,6 +75,13 @@ class Pruner:
         return deleted
 
     async def _delete_orphaned_result_files(self, conn: psycopg.AsyncConnection) -> None:
+        folder = self._results.storage_dir
+        assert folder is not None
+        if not await asyncio.to_thread(folder.is_dir):
+            # Unmounted or gone: every file would look already deleted and be
+            # forgotten, then left behind once the volume is back.
+            log.warning("retention: result storage folder %s is not there; deleting no result files", folder)
+            return
         removed = 0
         for _ in range(_MAX_BATCHES_PER_PASS):
             cur = await conn.execute(QUERIES["result_files_to_delete"], {"batch": _BATCH})

@@ -13,7 +13,7 @@ SELECT
     job.id,
     job.priority,
     job.analysis_id,
-    job.parameters_json,
+    job.parameters::text AS parameters_json,
     job.attempts + 1 AS attempt,
     job.max_attempts,
     job.created_at,
@@ -32,7 +32,7 @@ SELECT
      FROM analysis_dependencies AS dep
      WHERE dep.analysis_id = job.analysis_id)::text AS dependencies_json
 FROM (
-    SELECT id, priority, analysis_id, parameters::text AS parameters_json, attempts, max_attempts, created_at, run_at
+    SELECT id, priority, analysis_id, parameters, attempts, max_attempts, created_at, run_at
     FROM analysis_jobs
     WHERE status = 'pending'
       AND run_at <= now()
