@@ -22,7 +22,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from tests.conftest import WorkerProcess, create_analysis, submit, wait_for_jobs
-from worker.config import load_settings
+from worker.config import Settings, load_settings
 from worker.lifecycle import ClaimedJob
 from worker.maintenance.pruner import Pruner
 from worker.metrics import Metrics
@@ -96,6 +96,20 @@ def show_result(database_url: str, job_id: str, *extra: str) -> subprocess.Compl
         env=env,
         timeout=60,
     )
+
+
+def storage_settings(database_url: str, env: dict[str, str]) -> Settings:
+    return load_settings({"database_url": database_url}, {**env, "DATABASE_URL": database_url})
+
+
+def prune(database_url: str, settings: Settings) -> int:
+    """One pass of the pruner, as a worker with these settings runs it."""
+
+    async def one_pass() -> int:
+        async with AsyncConnectionPool(database_url, min_size=1, kwargs={"autocommit": True}) as pool:
+            return await Pruner(settings, pool, ResultStore(settings)).prune_finished_jobs()
+
+    return asyncio.run(one_pass())
 
 
 def storage_row(db: psycopg.Connection, job_id: str) -> dict[str, Any] | None:
@@ -263,6 +277,7 @@ def test_retention_deletes_stored_results_with_their_jobs_and_the_files_of_delet
 ) -> None:
     env, folder = backend_env("filesystem", tmp_path)
     assert folder is not None
+    settings = storage_settings(database_url, env)
     start_worker(env=env)
     analysis = create_analysis(db, script="export default function analyze(p) { return p.c.repeat(300000); }")
     old, deleted_by_user, kept = (submit(db, analysis, {"c": c}) for c in "abc")
@@ -273,12 +288,7 @@ def test_retention_deletes_stored_results_with_their_jobs_and_the_files_of_delet
     db.execute("UPDATE analysis_jobs SET created_at = now() - interval '40 days' WHERE id = %s", (old,))
     db.execute("DELETE FROM analysis_jobs WHERE id = %s", (deleted_by_user,))
 
-    async def prune() -> int:
-        settings = load_settings({"database_url": database_url}, {**env, "DATABASE_URL": database_url})
-        async with AsyncConnectionPool(database_url, min_size=1, kwargs={"autocommit": True}) as pool:
-            return await Pruner(settings, pool, ResultStore(settings)).prune_finished_jobs()
-
-    assert asyncio.run(prune()) == 1
+    assert prune(database_url, settings) == 1
     assert storage_row(db, old) is None
     assert not files[old].exists() and not files[deleted_by_user].exists()
     assert files[kept].is_file() and storage_row(db, kept) is not None
@@ -290,7 +300,7 @@ def test_a_result_file_that_cannot_be_deleted_does_not_hold_up_the_others(
 ) -> None:
     env, folder = backend_env("filesystem", tmp_path)
     assert folder is not None
-    settings = load_settings({"database_url": database_url}, {**env, "DATABASE_URL": database_url})
+    settings = storage_settings(database_url, env)
     stuck = folder / "ab" / "stuck.json.gz"
     (stuck / "inside").mkdir(parents=True)  # a non-empty directory in the file's place: unlink fails, even as root
     others = [folder / "cd" / f"{n}.json.gz" for n in range(3)]
@@ -305,11 +315,7 @@ def test_a_result_file_that_cannot_be_deleted_does_not_hold_up_the_others(
         (locations,),
     )
 
-    async def prune() -> None:
-        async with AsyncConnectionPool(database_url, min_size=1, kwargs={"autocommit": True}) as pool:
-            await Pruner(settings, pool, ResultStore(settings)).prune_finished_jobs()
-
-    asyncio.run(prune())
+    prune(database_url, settings)
     assert not any(path.exists() for path in others)  # the oldest entry failed; the rest were deleted
     row = db.execute(
         "SELECT location, attempts, last_error, next_attempt_at > now() + interval '4 minutes'"
@@ -318,13 +324,13 @@ def test_a_result_file_that_cannot_be_deleted_does_not_hold_up_the_others(
     assert len(row) == 1 and row[0][:2] == (locations[0], 1) and row[0][3], row
     assert "IsADirectoryError" in row[0][2]
 
-    asyncio.run(prune())  # not due yet: not tried again
+    prune(database_url, settings)  # not due yet: not tried again
     assert db.execute("SELECT attempts FROM analysis_result_file_deletions").fetchone() == (1,)
 
     (stuck / "inside").rmdir()
     stuck.rmdir()
     db.execute("UPDATE analysis_result_file_deletions SET next_attempt_at = now()")
-    asyncio.run(prune())  # due again, and gone by now: forgotten
+    prune(database_url, settings)  # due again, and gone by now: forgotten
     assert db.execute("SELECT count(*) FROM analysis_result_file_deletions").fetchone() == (0,)
 
 
@@ -333,21 +339,17 @@ def test_result_files_are_not_forgotten_while_the_storage_folder_is_away(
 ) -> None:
     env, folder = backend_env("filesystem", tmp_path)
     assert folder is not None
-    settings = load_settings({"database_url": database_url}, {**env, "DATABASE_URL": database_url})
+    settings = storage_settings(database_url, env)
     orphan = folder / "ef" / "orphan.json.gz"
     orphan.parent.mkdir()
     orphan.write_bytes(b"x")
     db.execute("INSERT INTO analysis_result_file_deletions (location) VALUES ('ef/orphan.json.gz')")
 
-    async def prune() -> None:
-        async with AsyncConnectionPool(database_url, min_size=1, kwargs={"autocommit": True}) as pool:
-            await Pruner(settings, pool, ResultStore(settings)).prune_finished_jobs()
-
     folder.rename(tmp_path / "unmounted")  # the volume is away: the file is not "already deleted"
-    asyncio.run(prune())
+    prune(database_url, settings)
     assert db.execute("SELECT count(*) FROM analysis_result_file_deletions").fetchone() == (1,)
     (tmp_path / "unmounted").rename(folder)
-    asyncio.run(prune())
+    prune(database_url, settings)
     assert not orphan.exists()
     assert db.execute("SELECT count(*) FROM analysis_result_file_deletions").fetchone() == (0,)
 
