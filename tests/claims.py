@@ -7,7 +7,7 @@ import contextlib
 import psycopg
 from psycopg.rows import dict_row
 
-from worker.lifecycle import ClaimedJob, in_claim_order
+from worker.lifecycle import ClaimedJob, in_claim_order, mark_running_params
 from worker.queries import QUERIES
 
 
@@ -21,14 +21,6 @@ def claim_jobs(
     transaction = conn.transaction() if own_transaction else contextlib.nullcontext()
     with transaction, conn.cursor(row_factory=dict_row) as cur:
         jobs = in_claim_order(cur.execute(QUERIES["claim_jobs"], {"limit": limit}).fetchall())
-        cur.execute(QUERIES["mark_jobs_running"], mark_params(jobs, worker_id))
+        cur.execute(QUERIES["mark_jobs_running"], mark_running_params(jobs, worker_id))
         assert cur.rowcount == len(jobs)
     return jobs
-
-
-def mark_params(jobs: list[ClaimedJob], worker_id: str) -> dict[str, object]:
-    return {
-        "worker_id": worker_id,
-        "ids": [job.id for job in jobs],
-        "analysis_versions": [job.analysis_version for job in jobs],
-    }

@@ -88,7 +88,7 @@ class Datasources:
         pool_size: int,
         statement_timeout_ms: int,
         max_rows: int,
-        max_bytes: int = 64 * 1024 * 1024,
+        max_bytes: int,
     ) -> None:
         self._urls = {name.lower(): url for name, url in urls.items()}
         self._metrics = metrics

@@ -30,7 +30,7 @@ from psycopg_pool import AsyncConnectionPool
 from worker.config import Settings
 from worker.datasources import Datasources, DependencyError, parse_dependencies, rows_to_json_value
 from worker.db import DedicatedConnection
-from worker.lifecycle import ClaimedJob, JobLifecycle, in_claim_order
+from worker.lifecycle import ClaimedJob, JobLifecycle, in_claim_order, mark_running_params
 from worker.listener import Wakeups
 from worker.metrics import Metrics
 from worker.pool import ProcessPool
@@ -222,7 +222,8 @@ class Executor:
                     await cur.execute(QUERIES["claim_jobs"], {"limit": limit}, prepare=True)
                     jobs = in_claim_order(await cur.fetchall())
                     if jobs:
-                        await cur.execute(QUERIES["mark_jobs_running"], self._mark_params(jobs), prepare=True)
+                        mark = mark_running_params(jobs, self._settings.worker_id)
+                        await cur.execute(QUERIES["mark_jobs_running"], mark, prepare=True)
                         _check_marked(jobs, await cur.fetchall())
                 claim.settle(committed=True)
                 self._start(jobs, claim)
@@ -237,7 +238,8 @@ class Executor:
                             self._start(jobs, claim)
                             await asyncio.sleep(0)  # let the job tasks hand their scripts to the pool,
                             self._pool.send_waiting()  # which sends them before the UPDATE and the commit
-                            await cur.execute(QUERIES["mark_jobs_running"], self._mark_params(jobs), prepare=True)
+                            mark = mark_running_params(jobs, self._settings.worker_id)
+                            await cur.execute(QUERIES["mark_jobs_running"], mark, prepare=True)
                         # Commits (raising the server's error if it cannot).
                         async with asyncio.timeout(_CLAIM_COMMIT_TIMEOUT_SECONDS):  # no extra task, unlike wait_for
                             await pipeline.sync()
@@ -260,20 +262,13 @@ class Executor:
                 for job in jobs:
                     self.interrupt(job.id, CLAIM_FAILED, job.attempt)
                 if jobs:
-                    # Harmless if the claim rolled back (fenced by worker and attempt).
+                    # Harmless if the claim rolled back (fenced by worker, attempt and claim).
                     task = asyncio.create_task(self._release(jobs), name="release-uncommitted-claim")
                     task.add_done_callback(_log_unexpected_error)
                     task.add_done_callback(self._releasing.discard)
                     self._releasing.add(task)
             for job in jobs:
                 self._unconfirmed.discard((job.id, job.attempt))
-
-    def _mark_params(self, jobs: list[ClaimedJob]) -> dict[str, Any]:
-        return {
-            "worker_id": self._settings.worker_id,
-            "ids": [job.id for job in jobs],
-            "analysis_versions": [job.analysis_version for job in jobs],
-        }
 
     async def _announce_waiting(self) -> None:
         """Set this worker's waiting flag; return once no submitter can have missed it.

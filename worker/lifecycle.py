@@ -50,6 +50,15 @@ class ClaimedJob:
         return max(0.0, (self.started_at - max(self.created_at, self.run_at)).total_seconds())
 
 
+def mark_running_params(jobs: list[ClaimedJob], worker_id: str) -> dict[str, Any]:
+    """Parameters of mark_jobs_running.sql, the claim's second statement, for these locked jobs."""
+    return {
+        "worker_id": worker_id,
+        "ids": [job.id for job in jobs],
+        "analysis_versions": [job.analysis_version for job in jobs],
+    }
+
+
 def in_claim_order(rows: list[dict[str, Any]]) -> list[ClaimedJob]:
     """Claimed rows as jobs, in the order the claim picked them (claim_jobs.sql returns them unordered)."""
     jobs = [ClaimedJob.from_row(row) for row in rows]
