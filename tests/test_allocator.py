@@ -4,37 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.messages import job_message
 from worker.allocator import AllocatorUnavailable, allocator_in_use, child_preload, mimalloc_library
 from worker.config import ConfigError, load_settings
 from worker.pool import ProcessPool
 
 URL = "postgresql://u@127.0.0.1/db"
 needs_mimalloc = pytest.mark.skipif(mimalloc_library() is None, reason="cmeel-mimalloc is not installed")
-
-
-def job(runtime: str = "javascript", source: str = "", **extra: Any) -> dict[str, Any]:
-    """A job message as the executor sends it to a child."""
-    return {
-        "job_id": "00000000-0000-0000-0000-000000000001",
-        "analysis_id": "00000000-0000-0000-0000-000000000002",
-        "runtime": runtime,
-        "source": source,
-        "parameters_json": "{}",
-        "context_json": "{}",
-        "timeout_ms": 5000,
-        "memory_limit_mb": 32,
-        "stack_limit_kb": 1024,
-        "output_max_bytes": 1 << 20,
-        "result_max_bytes": 1 << 24,
-        "python": sys.executable,
-        **extra,
-    }
 
 
 async def run_jobs(preload: Path | None, jobs: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
@@ -66,10 +47,12 @@ def test_children_run_on_mimalloc_with_every_limit_intact(tmp_path: Path) -> Non
     script = tmp_path / "env.py"
     script.write_text("import json, os\nprint(json.dumps({'preload': os.environ.get('LD_PRELOAD')}))\n")
     jobs = [
-        job(source="export default function analyze() { return {result: 'success'}; }"),
-        job(source="export default function analyze() { const a = []; while (true) a.push(new Array(1e5).fill(1)); }"),
-        job(source="export default function analyze() { function f(n) { return f(n + 1) + 1; } return f(0); }"),
-        job("python", script_path=str(script)),
+        job_message(source="export default function analyze() { return {result: 'success'}; }"),
+        job_message(
+            source="export default function analyze() { const a = []; while (true) a.push(new Array(1e5).fill(1)); }"
+        ),
+        job_message(source="export default function analyze() { function f(n) { return f(n + 1) + 1; } return f(0); }"),
+        job_message("python", script_path=str(script)),
     ]
     preload = child_preload("auto")
     assert preload is not None and preload.name.startswith("libmimalloc.so")
@@ -84,13 +67,13 @@ def test_children_run_on_mimalloc_with_every_limit_intact(tmp_path: Path) -> Non
 
 
 def test_system_allocator_children_do_not_preload() -> None:
-    allocator, (ok,) = asyncio.run(run_jobs(None, [job(source="export default () => 1;")]))
+    allocator, (ok,) = asyncio.run(run_jobs(None, [job_message(source="export default () => 1;")]))
     assert (allocator, ok["status"], ok["result_json"]) == ("system", "completed", "1")
 
 
 def test_a_library_that_cannot_be_preloaded_leaves_the_children_on_the_system_allocator(tmp_path: Path) -> None:
     broken = tmp_path / "libmimalloc.so.3"
     broken.write_bytes(b"not a shared library")
-    allocator, (ok,) = asyncio.run(run_jobs(broken, [job(source="export default () => 2;")]))
+    allocator, (ok,) = asyncio.run(run_jobs(broken, [job_message(source="export default () => 2;")]))
     # The pool reports what the children actually run on, so POOL_ALLOCATOR=mimalloc can refuse to start.
     assert (allocator, ok["status"], ok["result_json"]) == ("system", "completed", "2")

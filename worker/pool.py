@@ -1,10 +1,12 @@
 """The supervised process pool: child processes that run one job at a time, killed one at a time.
 
 Each slot is a long-lived ``python -m worker.runtimes.child`` process that
-runs the jobs it is sent one after another. The pool keeps up to
-``prefetch`` JavaScript jobs queued in each child so a child never waits for
-a round trip between jobs; a Python script only goes to an idle child, and
-nothing is queued behind it.
+runs the jobs it is sent one after another. The pool keeps JavaScript jobs
+queued in each child so a child never waits for a round trip between jobs:
+about 20 ms of work at the recent average job length (between 1 and
+``prefetch`` jobs), so small jobs queue deep and slow ones barely queue at
+all. A Python script only goes to an idle child, and nothing is queued
+behind it.
 
 Every job has a wall-clock deadline, counted from the moment it starts (when
 the job ahead of it in its child finished). A child whose job overruns its
@@ -40,6 +42,15 @@ _PYTHON_KILL_MARGIN_SECONDS = 5.0 + 2.0  # the script supervisor's TERM->KILL gr
 _START_TIMEOUT_SECONDS = 60.0
 _STREAM_LIMIT = 1 << 31
 _ENGINE_CRASH_SIGNALS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT, signal.SIGILL, signal.SIGFPE})
+# JavaScript work queued in a child, in seconds at the recent average job length.
+# Deep enough that a busy child rarely runs dry and sleeps before the worker tops
+# it up (waking it costs more than a small job: trivial jobs ran 5-10 % slower 8
+# deep than ~48 deep), short enough that little waits behind a job that turns
+# out slow.
+QUEUE_TARGET_SECONDS = 0.02
+MAX_PREFETCH = 64
+_FIRST_DEPTH = 8  # until a job length has been measured
+_AVERAGE_WEIGHT = 1 / 16  # of the newest job in the running average: one slow job shrinks the queues at once
 
 
 class PoolClosed(RuntimeError):
@@ -74,6 +85,7 @@ class _Slot:
         self.allocator = "system"
         self.proc: asyncio.subprocess.Process | None = None
         self.sent: collections.deque[_Task] = collections.deque()
+        self.head_started = 0.0  # when the first job in ``sent`` started (loop time)
         self.job_pgid: int | None = None
         self.deadline: asyncio.TimerHandle | None = None
         self.reader: asyncio.Task[None] | None = None
@@ -138,13 +150,16 @@ class _Slot:
 
 
 class ProcessPool:
-    """``size`` supervised child processes; ``run(job)`` returns the job's outcome."""
+    """``size`` supervised child processes; ``run(job)`` returns the job's outcome.
+
+    ``prefetch`` caps the JavaScript jobs a child holds, the running one included.
+    """
 
     def __init__(
         self,
         size: int,
         *,
-        prefetch: int = 8,
+        prefetch: int = MAX_PREFETCH,
         on_respawn: Callable[[str], None] | None = None,
         preload: Path | None = None,
     ) -> None:
@@ -153,8 +168,7 @@ class ProcessPool:
         self._child_env = child_environment(preload)
         self.allocator = "system"
         self.prefetch = max(1, prefetch)
-        # A busy child is topped up only once half its queue is done: fewer, larger writes.
-        self._refill_below = max(1, self.prefetch // 2)
+        self._job_seconds = QUEUE_TARGET_SECONDS / _FIRST_DEPTH  # running average of JavaScript jobs
         self._waiting: collections.deque[_Task] = collections.deque()
         self._slots: list[_Slot] = []
         self._respawns: set[asyncio.Task[None]] = set()
@@ -199,6 +213,11 @@ class ProcessPool:
         if self._dispatch_scheduled:
             self._dispatch()
 
+    @property
+    def depth(self) -> int:
+        """How many JavaScript jobs a child may hold now (the running one included)."""
+        return max(1, min(self.prefetch, int(QUEUE_TARGET_SECONDS / self._job_seconds)))
+
     def child_pids(self) -> list[int]:
         """Pids of the live children (for tests and diagnostics)."""
         return [slot.proc.pid for slot in self._slots if slot.proc is not None]
@@ -216,19 +235,20 @@ class ProcessPool:
         live = [slot for slot in self._slots if not slot.lost]
         planned: dict[_Slot, list[_Task]] = {slot: [] for slot in live}
         kept: collections.deque[_Task] = collections.deque()
+        depth = self.depth
         # Once no child can take another job, the rest of the queue stays as it is
         # (with a backlog this loop would otherwise visit every waiting job per outcome).
-        room = sum(1 for slot in live if self._has_room(slot, []))
+        room = sum(1 for slot in live if _has_room(slot, [], depth))
         while self._waiting and room:
             task = self._waiting.popleft()
             if task.abandoned:
                 continue
-            slot = self._choose_slot(task, planned)
+            slot = _choose_slot(task, planned, depth)
             if slot is None:
                 kept.append(task)
             else:
                 planned[slot].append(task)
-                if not self._has_room(slot, planned[slot]):
+                if not _has_room(slot, planned[slot], depth):
                     room -= 1
         kept.extend(self._waiting)
         self._waiting = kept
@@ -239,35 +259,22 @@ class ProcessPool:
                 if was_idle:
                     self._arm_deadline(slot)
 
-    def _has_room(self, slot: _Slot, planned: list[_Task]) -> bool:
-        """True while the child can still be sent a job (an idle one can take a Python script)."""
-        load = len(slot.sent) + len(planned)
-        if load == 0:
-            return True
-        last = planned[-1] if planned else slot.sent[-1]
-        return load < self.prefetch and not last.is_python
-
-    def _choose_slot(self, task: _Task, planned: dict[_Slot, list[_Task]]) -> _Slot | None:
-        """The least loaded child that can take the task, or None."""
-        best, best_load = None, self.prefetch
-        for slot, tasks in planned.items():
-            load = len(slot.sent) + len(tasks)
-            if task.is_python:
-                if load == 0:
-                    return slot
-                continue
-            # Nothing is queued behind a Python script: it may run for minutes.
-            if load < best_load and not (slot.sent and slot.sent[-1].is_python) and not (tasks and tasks[-1].is_python):
-                best, best_load = slot, load
-        return best
-
     def _arm_deadline(self, slot: _Slot) -> None:
+        """The first job in ``sent`` has just started: time it, and kill it if it overruns."""
         if slot.deadline is not None:
             slot.deadline.cancel()
         slot.deadline = None
         if slot.sent:
             head = slot.sent[0]
-            slot.deadline = asyncio.get_running_loop().call_later(head.deadline_seconds(), self._overrun, slot)
+            loop = asyncio.get_running_loop()
+            slot.head_started = loop.time()
+            slot.deadline = loop.call_later(head.deadline_seconds(), self._overrun, slot)
+
+    def _measure(self, slot: _Slot, task: _Task) -> None:
+        """Fold the length of a JavaScript job that just finished into the running average."""
+        if not task.is_python:
+            seconds = asyncio.get_running_loop().time() - slot.head_started
+            self._job_seconds += _AVERAGE_WEIGHT * (max(seconds, 1e-6) - self._job_seconds)
 
     async def _read_outcomes(self, slot: _Slot) -> None:
         try:
@@ -278,10 +285,12 @@ class ProcessPool:
                 if "status" in message:
                     task = slot.sent.popleft()
                     slot.job_pgid = None
+                    self._measure(slot, task)
                     self._arm_deadline(slot)
                     if not task.future.done():
                         task.future.set_result(message)
-                    if len(slot.sent) < self._refill_below:
+                    # A busy child is topped up only once half its queue is done: fewer, larger writes.
+                    if len(slot.sent) < max(1, self.depth // 2):
                         self._dispatch()
                 elif message.get("event") == "spawned":
                     slot.job_pgid = int(message["pgid"])
@@ -384,6 +393,30 @@ class ProcessPool:
             if slot.reader is not None:
                 slot.reader.cancel()
         await asyncio.gather(*(slot.close() for slot in slots), return_exceptions=True)
+
+
+def _has_room(slot: _Slot, planned: list[_Task], depth: int) -> bool:
+    """True while the child can still be sent a job (an idle one can take a Python script)."""
+    load = len(slot.sent) + len(planned)
+    if load == 0:
+        return True
+    last = planned[-1] if planned else slot.sent[-1]
+    return load < depth and not last.is_python
+
+
+def _choose_slot(task: _Task, planned: dict[_Slot, list[_Task]], depth: int) -> _Slot | None:
+    """The least loaded child that can take the task, or None."""
+    best, best_load = None, depth
+    for slot, tasks in planned.items():
+        load = len(slot.sent) + len(tasks)
+        if task.is_python:
+            if load == 0:
+                return slot
+            continue
+        # Nothing is queued behind a Python script: it may run for minutes.
+        if load < best_load and not (slot.sent and slot.sent[-1].is_python) and not (tasks and tasks[-1].is_python):
+            best, best_load = slot, load
+    return best
 
 
 def _death_outcome(job: dict[str, Any], returncode: int) -> dict[str, Any]:

@@ -40,7 +40,7 @@ from worker.maintenance.rescuer import Rescuer
 from worker.maintenance.scheduler import Scheduler
 from worker.metrics import Metrics
 from worker.migrate import shipped_migration_ids
-from worker.pool import ProcessPool
+from worker.pool import MAX_PREFETCH, ProcessPool
 from worker.queries import QUERIES
 from worker.recorder import Recorder
 from worker.result_storage import ResultStore
@@ -139,7 +139,7 @@ class Worker:
                 settings.processes,
                 # One process per concurrent job (the default) needs no queue in the
                 # children; fewer processes than jobs do, to stay busy.
-                prefetch=1 if settings.processes >= settings.concurrency else 8,
+                prefetch=1 if settings.processes >= settings.concurrency else MAX_PREFETCH,
                 on_respawn=lambda reason: self.metrics.pool_restarts.labels(reason).inc(),
                 preload=preload,
             )
