@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 
 import psycopg
-from psycopg.rows import dict_row
+from psycopg.rows import class_row
 
 from worker.lifecycle import ClaimedJob, in_claim_order, mark_running_params
 from worker.queries import QUERIES
@@ -19,7 +19,7 @@ def claim_jobs(
     Without ``own_transaction`` the caller's transaction is used (no savepoint).
     """
     transaction = conn.transaction() if own_transaction else contextlib.nullcontext()
-    with transaction, conn.cursor(row_factory=dict_row) as cur:
+    with transaction, conn.cursor(row_factory=class_row(ClaimedJob)) as cur:
         jobs = in_claim_order(cur.execute(QUERIES["claim_jobs"], {"limit": limit}).fetchall())
         cur.execute(QUERIES["mark_jobs_running"], mark_running_params(jobs, worker_id))
         assert cur.rowcount == len(jobs)

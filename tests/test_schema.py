@@ -404,8 +404,8 @@ def _mark_plan(db: psycopg.Connection) -> str:
         statement = (
             QUERIES["mark_jobs_running"]
             .replace("%(worker_id)s", "$1")
-            .replace("%(ids)s", "$2")
-            .replace("%(analysis_versions)s", "$3")
+            .replace("%(ids)b", "$2")
+            .replace("%(analysis_versions)b", "$3")
         )
         db.execute(f"PREPARE mark_plan (text, uuid[], int[]) AS {statement}")
         db.execute("SET LOCAL plan_cache_mode = force_generic_plan")

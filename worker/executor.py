@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
-from psycopg.rows import dict_row
+from psycopg.rows import class_row, dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from worker.config import Settings
@@ -218,20 +218,20 @@ class Executor:
         jobs: list[ClaimedJob] = []
         try:
             if not _PIPELINES:
-                async with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+                async with conn.transaction(), conn.cursor(row_factory=class_row(ClaimedJob)) as cur:
                     await cur.execute(QUERIES["claim_jobs"], {"limit": limit}, prepare=True)
                     jobs = in_claim_order(await cur.fetchall())
                     if jobs:
                         mark = mark_running_params(jobs, self._settings.worker_id)
                         await cur.execute(QUERIES["mark_jobs_running"], mark, prepare=True)
-                        _check_marked(jobs, await cur.fetchall())
+                        _check_marked(jobs, cur.rowcount)
                 claim.settle(committed=True)
                 self._start(jobs, claim)
                 self._lifecycle.claimed(jobs)
                 return jobs
             async with conn.pipeline() as pipeline:
                 try:
-                    async with conn.cursor(row_factory=dict_row) as cur:
+                    async with conn.cursor(row_factory=class_row(ClaimedJob)) as cur:
                         await cur.execute(QUERIES["claim_jobs"], {"limit": limit}, prepare=True)
                         jobs = in_claim_order(await cur.fetchall())
                         if jobs:
@@ -244,7 +244,7 @@ class Executor:
                         async with asyncio.timeout(_CLAIM_COMMIT_TIMEOUT_SECONDS):  # no extra task, unlike wait_for
                             await pipeline.sync()
                         if jobs:
-                            _check_marked(jobs, await cur.fetchall())
+                            _check_marked(jobs, cur.rowcount)
                 except BaseException:
                     # Leaving the pipeline would send a Sync, which commits: close first.
                     self._claim_conn.abandon()
@@ -532,7 +532,7 @@ def _log_unexpected_error(task: asyncio.Task[None]) -> None:
         log.error("unexpected error in %s", task.get_name(), exc_info=task.exception())
 
 
-def _check_marked(jobs: list[ClaimedJob], marked: list[dict[str, Any]]) -> None:
+def _check_marked(jobs: list[ClaimedJob], marked: int) -> None:
     """Every locked job was marked running (they are locked: nothing else can have changed them)."""
-    if len(marked) != len(jobs):
-        raise psycopg.OperationalError(f"the claim marked {len(marked)} of {len(jobs)} locked jobs running")
+    if marked != len(jobs):
+        raise psycopg.OperationalError(f"the claim marked {marked} of {len(jobs)} locked jobs running")

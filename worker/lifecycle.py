@@ -39,11 +39,6 @@ class ClaimedJob:
     retry_script_errors: bool
     dependencies_json: str | None
 
-    @classmethod
-    def from_row(cls, row: dict[str, Any]) -> ClaimedJob:
-        """Build from a claim_jobs.sql row (dict row factory)."""
-        return cls(**{**row, "id": str(row["id"]), "analysis_id": str(row["analysis_id"])})
-
     @property
     def queue_wait_seconds(self) -> float:
         """started_at - max(created_at, run_at), never negative."""
@@ -59,9 +54,11 @@ def mark_running_params(jobs: list[ClaimedJob], worker_id: str) -> dict[str, Any
     }
 
 
-def in_claim_order(rows: list[dict[str, Any]]) -> list[ClaimedJob]:
-    """Claimed rows as jobs, in the order the claim picked them (claim_jobs.sql returns them unordered)."""
-    jobs = [ClaimedJob.from_row(row) for row in rows]
+def in_claim_order(jobs: list[ClaimedJob]) -> list[ClaimedJob]:
+    """The claimed jobs in the order the claim picked them (claim_jobs.sql returns them unordered).
+
+    Its rows are read straight into ``ClaimedJob`` (``class_row``): the columns are named after the fields.
+    """
     jobs.sort(key=lambda job: (-job.priority, job.run_at, job.created_at))
     return jobs
 

@@ -10,9 +10,9 @@
 -- the same transaction: the worker can start a JavaScript job as soon as these
 -- rows arrive, without waiting for that UPDATE (nor for the commit).
 SELECT
-    job.id,
+    job.id::text AS id,
     job.priority,
-    job.analysis_id,
+    job.analysis_id::text AS analysis_id,
     job.parameters::text AS parameters_json,
     job.attempts + 1 AS attempt,
     job.max_attempts,

@@ -1,6 +1,7 @@
 -- Claim, part 2 of 2: mark the jobs claim_jobs.sql locked as running on this
 -- worker, in the same transaction (its now() is part 1's). Nobody else can
--- have changed them: they are locked.
+-- have changed them: they are locked, so the worker only checks the row count.
+-- The arrays go in binary format (no per-element quoting on the client).
 UPDATE analysis_jobs AS job
 SET status = 'running',
     started_at = now(),
@@ -8,6 +9,5 @@ SET status = 'running',
     worker_id = %(worker_id)s,
     attempts = job.attempts + 1,
     analysis_version = claimed.analysis_version
-FROM unnest(%(ids)s::uuid[], %(analysis_versions)s::int[]) AS claimed (id, analysis_version)
+FROM unnest(%(ids)b::uuid[], %(analysis_versions)b::int[]) AS claimed (id, analysis_version)
 WHERE job.id = claimed.id
-RETURNING job.id
