@@ -250,12 +250,19 @@ def start_worker(database_url: str, tmp_path: Path, scripts_dir: Path) -> Iterat
 FINAL_STATUSES = ("completed", "failed", "timeout", "cancelled")
 
 
-def wait_for_jobs(db: psycopg.Connection, job_ids: list[str], timeout: float = 60.0) -> dict[str, dict[str, Any]]:
-    """Wait until every job is final; return rows by id (fails the test on timeout)."""
+def wait_for_jobs(
+    db: psycopg.Connection, job_ids: list[str], timeout: float = 60.0, columns: str = "*"
+) -> dict[str, dict[str, Any]]:
+    """Wait until every job is final; return rows (``columns``, with id and status) by id.
+
+    Fails the test on timeout.
+    """
     deadline = time.monotonic() + timeout
+    if columns != "*":
+        columns = f"id, status, {columns}"
     while True:
         with db.cursor(row_factory=dict_row) as cur:
-            cur.execute("SELECT * FROM analysis_jobs WHERE id = ANY(%s::uuid[])", (job_ids,))
+            cur.execute(f"SELECT {columns} FROM analysis_jobs WHERE id = ANY(%s::uuid[])", (job_ids,))
             rows = {str(row["id"]): row for row in cur.fetchall()}
         if all(rows.get(j, {}).get("status") in FINAL_STATUSES for j in job_ids):
             return rows

@@ -187,6 +187,40 @@ def test_failing_dependencies_fail_the_job_naming_the_dependency(
     assert wait_for_jobs(db, [after])[after]["result"] == "still fine"
 
 
+def test_json_nested_too_deeply_for_the_worker_fails_the_job_at_once(
+    db: psycopg.Connection, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    # PostgreSQL accepts JSON nested 5,000 deep; Python's json module does not.
+    nested = "(repeat('[', 5000) || repeat(']', 5000))"
+    from_rows = create_analysis(db, script=ECHO_DATASETS)
+    declare(db, from_rows, "nested", f"SELECT {nested}::jsonb AS value")
+    from_parameters = create_analysis(db, script=ECHO_DATASETS)
+    declare(db, from_parameters, "plain", "SELECT 1 AS one")
+    jobs = {"rows": submit(db, from_rows)}
+    row = db.execute(
+        f"INSERT INTO analysis_jobs (analysis_id, parameters) VALUES (%s, jsonb_build_object('a', {nested}::jsonb))"
+        " RETURNING id",
+        (from_parameters,),
+    ).fetchone()
+    assert row is not None
+    jobs["parameters"] = str(row[0])
+    ok = create_analysis(db, script="export default () => 'still fine'")
+    start_worker()
+    # Well before the lease (30 s) would return a job whose task died. Not the
+    # parameters: this test's own client cannot load them either.
+    rows = wait_for_jobs(db, list(jobs.values()), timeout=20, columns="attempts, error_message")
+    assert rows[jobs["rows"]]["error_message"] == (
+        "dependency 'nested' (datasource 'main') returned a JSON value nested too deeply to load (over ~1,000 levels)"
+    )
+    assert rows[jobs["parameters"]]["error_message"] == (
+        "the job's parameters are nested too deeply to bind into its dependencies' queries (over ~1,000 levels)"
+    )
+    for job in jobs.values():
+        assert (rows[job]["status"], rows[job]["attempts"]) == ("failed", 1)
+    after = submit(db, ok)
+    assert wait_for_jobs(db, [after])[after]["result"] == "still fine"
+
+
 def test_second_datasource_from_the_environment_and_pools_are_reused(
     db: psycopg.Connection,
     empty_database_url: str,

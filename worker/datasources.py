@@ -172,6 +172,8 @@ class Datasources:
             raise DependencyError(
                 f"{label}: no connection to the datasource within {wait_seconds:g} s", retryable=True
             ) from None
+        except RecursionError:  # a json/jsonb value PostgreSQL accepts but Python's json module cannot load
+            raise DependencyError(f"{label} returned a JSON value {NESTED_TOO_DEEPLY}") from None
         except psycopg.errors.QueryCanceled:
             raise DependencyError(f"{label} exceeded its {timeout_ms} ms statement timeout") from None
         except psycopg.OperationalError as exc:
@@ -293,6 +295,10 @@ def _bind(dependency: Dependency, parameters: Mapping[str, Any]) -> dict[str, An
         value = parameters[name]
         bound[name] = Jsonb(value) if isinstance(value, dict) else value
     return bound
+
+
+# Python's json module gives up near 1,000 levels of nesting (its recursion limit).
+NESTED_TOO_DEEPLY = "nested too deeply to load (over ~1,000 levels)"
 
 
 def rows_to_json_value(value: Any) -> Any:

@@ -28,7 +28,13 @@ from psycopg.rows import class_row, dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from worker.config import Settings
-from worker.datasources import Datasources, DependencyError, parse_dependencies, rows_to_json_value
+from worker.datasources import (
+    NESTED_TOO_DEEPLY,
+    Datasources,
+    DependencyError,
+    parse_dependencies,
+    rows_to_json_value,
+)
 from worker.db import DedicatedConnection
 from worker.lifecycle import ClaimedJob, JobLifecycle, in_claim_order, mark_running_params
 from worker.listener import Wakeups
@@ -347,6 +353,11 @@ class Executor:
                 self._executing.pop(key, None)
                 self._after_interruption(job, reason, time.monotonic() - started)
                 return
+            except Exception as exc:
+                # A fault of ours: fail the job now rather than leave its row
+                # 'running' until the lease runs out (and then retry the same fault).
+                log.exception("Job %s: internal error in the worker", job.id, extra={"job_id": job.id})
+                result = outcome("failed", error_message=f"internal error in the worker: {type(exc).__name__}: {exc}")
             self._executing.pop(key, None)
             if not await claim.wait():
                 self._lifecycle.interrupted(job, CLAIM_FAILED)
@@ -411,7 +422,12 @@ class Executor:
         dependencies = parse_dependencies(job.dependencies_json)
         if not dependencies:
             return None
-        parameters = json.loads(job.parameters_json)
+        try:
+            parameters = json.loads(job.parameters_json)
+        except RecursionError:
+            raise DependencyError(
+                "the job's parameters are nested too deeply to bind into its dependencies' queries (over ~1,000 levels)"
+            ) from None
         if job.runtime == "python" and "datasets" in parameters:
             raise DependencyError(
                 "the job has a parameter named 'datasets', which a Python script with dependencies "
@@ -524,6 +540,8 @@ def _datasets_json(value: dict[str, Any]) -> str:
         return json.dumps(value, default=rows_to_json_value, allow_nan=False)
     except ValueError as exc:  # NaN or Infinity in a float column: JSON has no such numbers
         raise DependencyError(f"a dependency returned a value JSON cannot represent ({exc})") from None
+    except RecursionError:
+        raise DependencyError(f"a dependency returned a JSON value {NESTED_TOO_DEEPLY}") from None
 
 
 def _log_unexpected_error(task: asyncio.Task[None]) -> None:
