@@ -62,6 +62,7 @@ def test_submit_without_wait_prints_the_job_id_and_show_prints_the_row(
     [
         (["--params", "{not json"], "not valid JSON"),
         (["--params", "[1, 2]"], "must be a JSON object"),
+        (["--params", '{"a": ' + "[" * 5000 + "]" * 5000 + "}"], "parameters are nested too deeply"),
         (["--run-at", "tomorrow"], "not an ISO 8601 timestamp"),
         (["--max-attempts", "0"], "at least 1"),
         (["--priority", "99999999999"], "integer out of range"),
@@ -89,6 +90,23 @@ def test_show_of_an_unknown_job_exits_2(database_url: str, job_id: str) -> None:
     result = cli("show", job_id, "--database-url", database_url)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0
+
+
+def test_show_of_a_job_nested_too_deeply_to_load_exits_1_saying_so(db: psycopg.Connection, database_url: str) -> None:
+    analysis = create_analysis(db, script="export default function analyze() { return 1; }")
+    row = db.execute(
+        "INSERT INTO analysis_jobs (analysis_id, run_at, parameters) VALUES"
+        " (%s, now() + interval '1 day', jsonb_build_object('a', (repeat('[', 5000) || repeat(']', 5000))::jsonb))"
+        " RETURNING id::text",
+        (analysis,),
+    ).fetchone()
+    assert row is not None
+    result = cli("show", row[0], "--database-url", database_url)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"analysis-executor: error: job {row[0]}: its parameters or result are nested too deeply to load "
+        "(over ~1,000 levels); read them with SQL"
+    )
 
 
 def test_scripts_lists_the_whitelist(tmp_path: Path) -> None:

@@ -466,6 +466,11 @@ def test_job_api_submits_shows_and_cancels(db: psycopg.Connection, start_worker:
         (b'{"analysis_id": "ANALYSIS", "run_at": "soon"}', 400, "ISO 8601"),
         (b'{"analysis_id": "ANALYSIS", "max_attempts": 0}', 400, "max_attempts"),
         (b'{"analysis_id": "ANALYSIS", "colour": "red"}', 400, "unknown field"),
+        (
+            b'{"analysis_id": "ANALYSIS", "parameters": {"a": ' + b"[" * 5000 + b"]" * 5000 + b"}}",
+            400,
+            "nested too deeply",
+        ),
     ],
 )
 def test_job_api_rejects_bad_requests_with_a_json_error(
@@ -484,9 +489,23 @@ def test_job_api_rejects_bad_requests_with_a_json_error(
 
 
 def test_job_api_errors_are_json_for_unknown_jobs_and_oversized_bodies(
-    start_worker: Callable[..., WorkerProcess],
+    db: psycopg.Connection, start_worker: Callable[..., WorkerProcess]
 ) -> None:
     worker = start_worker(env={"HTTP_MAX_BODY_BYTES": "2048"})
+    # Parameters PostgreSQL accepts but Python's json module cannot load (5,000 deep).
+    deep = db.execute(
+        "INSERT INTO analysis_jobs (analysis_id, run_at, parameters) VALUES"
+        " (%s, now() + interval '1 day', jsonb_build_object('a', (repeat('[', 5000) || repeat(']', 5000))::jsonb))"
+        " RETURNING id::text",
+        (create_analysis(db, script=GOOD),),
+    ).fetchone()
+    assert deep is not None
+    status, answer = http("GET", f"{worker.base_url}/jobs/{deep[0]}")
+    assert (status, answer["error"]) == (
+        500,
+        f"job {deep[0]}: its parameters or result are nested too deeply to load "
+        "(over ~1,000 levels); read them with SQL",
+    )
     assert http("GET", f"{worker.base_url}/jobs/00000000-0000-0000-0000-000000000000")[0] == 404
     assert http("GET", f"{worker.base_url}/jobs/not-a-uuid")[0] == 404
     assert http("POST", f"{worker.base_url}/jobs/not-a-uuid/cancel")[0] == 404

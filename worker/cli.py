@@ -53,7 +53,7 @@ class _Parser(argparse.ArgumentParser):
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the process exit code."""
     from worker.embedded import EmbeddedPostgresError
-    from worker.jobs import InvalidJobRequest, JobAlreadyFinished, JobNotFound
+    from worker.jobs import InvalidJobRequest, JobAlreadyFinished, JobDataTooDeep, JobNotFound
     from worker.result_storage import ResultNotAvailable
     from worker.schedules import InvalidSchedule, ScheduleNotFound
     from worker.service import WorkerStartupError
@@ -76,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ) as exc:
         print(f"analysis-executor: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (DatabaseUnavailable, WorkerStartupError, EmbeddedPostgresError, TimeoutError) as exc:
+    except (DatabaseUnavailable, WorkerStartupError, EmbeddedPostgresError, TimeoutError, JobDataTooDeep) as exc:
         print(f"analysis-executor: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:

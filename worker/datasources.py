@@ -39,6 +39,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from worker.db import redact_database_url
+from worker.jobs import NESTED_TOO_DEEPLY
 from worker.metrics import Metrics
 from worker.runtimes.protocol import format_size
 
@@ -295,10 +296,6 @@ def _bind(dependency: Dependency, parameters: Mapping[str, Any]) -> dict[str, An
         value = parameters[name]
         bound[name] = Jsonb(value) if isinstance(value, dict) else value
     return bound
-
-
-# Python's json module gives up near 1,000 levels of nesting (its recursion limit).
-NESTED_TOO_DEEPLY = "nested too deeply to load (over ~1,000 levels)"
 
 
 def rows_to_json_value(value: Any) -> Any:

@@ -28,14 +28,9 @@ from psycopg.rows import class_row, dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from worker.config import Settings
-from worker.datasources import (
-    NESTED_TOO_DEEPLY,
-    Datasources,
-    DependencyError,
-    parse_dependencies,
-    rows_to_json_value,
-)
+from worker.datasources import Datasources, DependencyError, parse_dependencies, rows_to_json_value
 from worker.db import DedicatedConnection
+from worker.jobs import NESTED_TOO_DEEPLY
 from worker.lifecycle import ClaimedJob, JobLifecycle, in_claim_order, mark_running_params
 from worker.listener import Wakeups
 from worker.metrics import Metrics

@@ -75,6 +75,8 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
         return _error(exc.status, exc.reason if exc.status != 413 else "request body too large")
     except (psycopg.OperationalError, PoolTimeout):
         return _error(503, "the database is unavailable; try again")
+    except jobs.JobDataTooDeep as exc:
+        return _error(500, str(exc))
 
 
 def build_app(
@@ -141,6 +143,8 @@ def _add_job_api(app: web.Application, settings: Settings, db_pool: AsyncConnect
             return json.loads(raw or b"{}")
         except ValueError as exc:
             raise jobs.InvalidJobRequest(f"the request body is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise jobs.InvalidJobRequest(f"the request body is {jobs.NESTED_TOO_DEEPLY}") from None
 
     async def create_job(request: web.Request) -> web.Response:
         if (refused := refusal(request)) is not None:

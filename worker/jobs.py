@@ -31,6 +31,15 @@ class JobNotFound(LookupError):
     """No such job (or analysis)."""
 
 
+class JobDataTooDeep(RuntimeError):
+    """The job's parameters or result are nested deeper than Python's json module can load."""
+
+
+# Python's json module gives up near 1,000 levels of nesting (its recursion limit);
+# PostgreSQL's jsonb accepts far deeper values.
+NESTED_TOO_DEEPLY = "nested too deeply to load (over ~1,000 levels)"
+
+
 class JobAlreadyFinished(RuntimeError):
     """The job cannot be cancelled: it already reached a final status."""
 
@@ -43,6 +52,8 @@ def parse_parameters(text: str | None) -> dict[str, Any]:
         value = json.loads(text)
     except ValueError as exc:
         raise InvalidJobRequest(f"parameters are not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidJobRequest(f"parameters are {NESTED_TOO_DEEPLY}") from None
     return validate_parameters(value)
 
 
@@ -139,13 +150,17 @@ async def submit_job(
 
 
 async def get_job(conn: psycopg.AsyncConnection, job_id: str) -> dict[str, Any]:
-    """The job row as a dict; raises JobNotFound (also for a malformed id)."""
+    """The job row as a dict; raises JobNotFound (also for a malformed id) or JobDataTooDeep."""
     try:
         async with conn.cursor(row_factory=dict_row) as cur:
             await cur.execute(QUERIES["get_job"], {"id": job_id})
             row = await cur.fetchone()
     except errors.InvalidTextRepresentation:
         raise JobNotFound(f"{job_id!r} is not a job id (a UUID)") from None
+    except RecursionError:
+        raise JobDataTooDeep(
+            f"job {job_id}: its parameters or result are {NESTED_TOO_DEEPLY}; read them with SQL"
+        ) from None
     if row is None:
         raise JobNotFound(f"job {job_id} does not exist")
     return row
