@@ -62,7 +62,7 @@ def test_submit_without_wait_prints_the_job_id_and_show_prints_the_row(
     [
         (["--params", "{not json"], "not valid JSON"),
         (["--params", "[1, 2]"], "must be a JSON object"),
-        (["--params", '{"a": ' + "[" * 5000 + "]" * 5000 + "}"], "parameters are nested too deeply"),
+        (["--params", '{"a": ' + "[" * 5000 + "]" * 5000 + "}"], "parameters are nested more than 500 levels deep"),
         (["--run-at", "tomorrow"], "not an ISO 8601 timestamp"),
         (["--max-attempts", "0"], "at least 1"),
         (["--priority", "99999999999"], "integer out of range"),

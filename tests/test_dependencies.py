@@ -213,7 +213,7 @@ def test_json_nested_too_deeply_for_the_worker_fails_the_job_at_once(
         "dependency 'nested' (datasource 'main') returned a JSON value nested too deeply to load (over ~1,000 levels)"
     )
     assert rows[jobs["parameters"]]["error_message"] == (
-        "the job's parameters are nested too deeply to bind into its dependencies' queries (over ~1,000 levels)"
+        "the job's parameters are nested more than 500 levels deep: too deep to bind into its dependencies' queries"
     )
     for job in jobs.values():
         assert (rows[job]["status"], rows[job]["attempts"]) == ("failed", 1)

@@ -471,6 +471,11 @@ def test_job_api_submits_shows_and_cancels(db: psycopg.Connection, start_worker:
             400,
             "nested too deeply",
         ),
+        (
+            b'{"analysis_id": "ANALYSIS", "parameters": {"a": ' + b"[" * 600 + b"]" * 600 + b"}}",
+            400,
+            "more than 500 levels",
+        ),
     ],
 )
 def test_job_api_rejects_bad_requests_with_a_json_error(
@@ -506,6 +511,9 @@ def test_job_api_errors_are_json_for_unknown_jobs_and_oversized_bodies(
         f"job {deep[0]}: its parameters or result are nested too deeply to load "
         "(over ~1,000 levels); read them with SQL",
     )
+    # Such a job can still be cancelled; the answer then shows only its id and status.
+    status, answer = http("POST", f"{worker.base_url}/jobs/{deep[0]}/cancel")
+    assert (status, answer) == (200, {"id": deep[0], "status": "cancelled"})
     assert http("GET", f"{worker.base_url}/jobs/00000000-0000-0000-0000-000000000000")[0] == 404
     assert http("GET", f"{worker.base_url}/jobs/not-a-uuid")[0] == 404
     assert http("POST", f"{worker.base_url}/jobs/not-a-uuid/cancel")[0] == 404

@@ -407,9 +407,9 @@ def _mark_plan(db: psycopg.Connection) -> str:
             .replace("%(ids)b", "$2")
             .replace("%(analysis_versions)b", "$3")
         )
-        db.execute(f"PREPARE mark_plan (text, uuid[], int[]) AS {statement}")
+        db.execute(f"PREPARE mark_plan (text, text[], int[]) AS {statement}")  # as the worker sends them
         db.execute("SET LOCAL plan_cache_mode = force_generic_plan")
-        explain = "EXPLAIN (FORMAT TEXT) EXECUTE mark_plan ('w', ARRAY[gen_random_uuid()], ARRAY[1])"
+        explain = "EXPLAIN (FORMAT TEXT) EXECUTE mark_plan ('w', ARRAY[gen_random_uuid()::text], ARRAY[1])"
         plan = db.execute(explain).fetchall()
         db.execute("DEALLOCATE mark_plan")
     return "\n".join(r[0] for r in plan)

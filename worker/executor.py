@@ -30,11 +30,11 @@ from psycopg_pool import AsyncConnectionPool
 from worker.config import Settings
 from worker.datasources import Datasources, DependencyError, parse_dependencies, rows_to_json_value
 from worker.db import DedicatedConnection
-from worker.jobs import NESTED_TOO_DEEPLY
+from worker.jobs import MAX_PARAMETER_DEPTH, NESTED_TOO_DEEPLY, PARAMETERS_TOO_DEEP, json_depth
 from worker.lifecycle import ClaimedJob, JobLifecycle, in_claim_order, mark_running_params
 from worker.listener import Wakeups
 from worker.metrics import Metrics
-from worker.pool import ProcessPool
+from worker.pool import PoolClosed, ProcessPool
 from worker.queries import JOBS_PENDING_CHANNEL, QUERIES
 from worker.recorder import Recorder
 from worker.result_storage import ResultStore
@@ -348,11 +348,15 @@ class Executor:
                 self._executing.pop(key, None)
                 self._after_interruption(job, reason, time.monotonic() - started)
                 return
+            except PoolClosed:
+                raise  # the worker is stopping without a drain: the lease returns the job
             except Exception as exc:
-                # A fault of ours: fail the job now rather than leave its row
-                # 'running' until the lease runs out (and then retry the same fault).
+                # A fault of ours, not the script's: record it now (retried like any
+                # infrastructure failure) rather than leave the row 'running' until
+                # its lease runs out.
                 log.exception("Job %s: internal error in the worker", job.id, extra={"job_id": job.id})
-                result = outcome("failed", error_message=f"internal error in the worker: {type(exc).__name__}: {exc}")
+                message = f"internal error in the worker: {type(exc).__name__}: {exc}"
+                result = {**outcome("failed", error_message=message), "retryable": True}
             self._executing.pop(key, None)
             if not await claim.wait():
                 self._lifecycle.interrupted(job, CLAIM_FAILED)
@@ -419,10 +423,11 @@ class Executor:
             return None
         try:
             parameters = json.loads(job.parameters_json)
+            too_deep = json_depth(parameters) > MAX_PARAMETER_DEPTH
         except RecursionError:
-            raise DependencyError(
-                "the job's parameters are nested too deeply to bind into its dependencies' queries (over ~1,000 levels)"
-            ) from None
+            too_deep = True
+        if too_deep:  # binding them (as jsonb) would recurse deeper still
+            raise DependencyError(f"the job's {PARAMETERS_TOO_DEEP}: too deep to bind into its dependencies' queries")
         if job.runtime == "python" and "datasets" in parameters:
             raise DependencyError(
                 "the job has a parameter named 'datasets', which a Python script with dependencies "

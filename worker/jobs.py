@@ -35,9 +35,23 @@ class JobDataTooDeep(RuntimeError):
     """The job's parameters or result are nested deeper than Python's json module can load."""
 
 
-# Python's json module gives up near 1,000 levels of nesting (its recursion limit);
-# PostgreSQL's jsonb accepts far deeper values.
+# Python's json module gives up near 1,000 levels of nesting (its recursion limit,
+# shared with the call stack, so the exact depth varies); PostgreSQL's jsonb
+# accepts far deeper values.
 NESTED_TOO_DEEPLY = "nested too deeply to load (over ~1,000 levels)"
+# Parameters may nest this deep: well inside what every step of the worker can load and send.
+MAX_PARAMETER_DEPTH = 500
+PARAMETERS_TOO_DEEP = f"parameters are nested more than {MAX_PARAMETER_DEPTH} levels deep"
+
+
+def json_depth(value: object) -> int:
+    """How deeply a parsed JSON value nests (a scalar: 0), found without recursion."""
+    depth = 0
+    level = [value]
+    while containers := [item for item in level if isinstance(item, dict | list)]:
+        depth += 1
+        level = [child for c in containers for child in (c.values() if isinstance(c, dict) else c)]
+    return depth
 
 
 class JobAlreadyFinished(RuntimeError):
@@ -53,14 +67,16 @@ def parse_parameters(text: str | None) -> dict[str, Any]:
     except ValueError as exc:
         raise InvalidJobRequest(f"parameters are not valid JSON: {exc}") from None
     except RecursionError:
-        raise InvalidJobRequest(f"parameters are {NESTED_TOO_DEEPLY}") from None
+        raise InvalidJobRequest(PARAMETERS_TOO_DEEP) from None
     return validate_parameters(value)
 
 
 def validate_parameters(value: object) -> dict[str, Any]:
-    """Parameters must be a JSON object."""
+    """Parameters must be a JSON object, nested at most ``MAX_PARAMETER_DEPTH`` deep."""
     if not isinstance(value, dict):
         raise InvalidJobRequest('parameters must be a JSON object, like {"key": 1}')
+    if json_depth(value) > MAX_PARAMETER_DEPTH:
+        raise InvalidJobRequest(PARAMETERS_TOO_DEEP)
     return value
 
 
@@ -174,16 +190,28 @@ async def get_attempts(conn: psycopg.AsyncConnection, job_id: str) -> list[dict[
 
 
 async def cancel_job(conn: psycopg.AsyncConnection, job_id: str) -> dict[str, Any]:
-    """Cancel a pending or running job; return the row.
+    """Cancel a pending or running job; return the row (only ``id`` and ``status``
+    when the rest cannot be loaded, see JobDataTooDeep).
 
     Raises JobNotFound, or JobAlreadyFinished naming the final status.
     """
-    job = await get_job(conn, job_id)
-    cur = await conn.execute(QUERIES["cancel_job"], {"id": job_id})
-    if await cur.fetchone() is None:
-        job = await get_job(conn, job_id)
-        raise JobAlreadyFinished(f"job {job_id} is already {job['status']}")
-    return await get_job(conn, job["id"])
+    try:
+        async with conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(QUERIES["cancel_job"], {"id": job_id})
+            cancelled = await cur.fetchone()
+            if cancelled is None:
+                await cur.execute(QUERIES["job_status"], {"id": job_id})
+                found = await cur.fetchone()
+    except errors.InvalidTextRepresentation:
+        raise JobNotFound(f"{job_id!r} is not a job id (a UUID)") from None
+    if cancelled is None:
+        if found is None:
+            raise JobNotFound(f"job {job_id} does not exist")
+        raise JobAlreadyFinished(f"job {job_id} is already {found['status']}")
+    try:
+        return await get_job(conn, job_id)
+    except JobDataTooDeep:
+        return cancelled
 
 
 async def wait_for_job(conn: psycopg.AsyncConnection, job_id: str, timeout: float | None = None) -> dict[str, Any]:

@@ -2,10 +2,10 @@
 
 Each slot is a long-lived ``python -m worker.runtimes.child`` process that
 runs the jobs it is sent one after another. The pool keeps JavaScript jobs
-queued in each child so a child never waits for a round trip between jobs:
-about 20 ms of work at the recent average job length (between 1 and
-``prefetch`` jobs), so small jobs queue deep and slow ones barely queue at
-all. A Python script only goes to an idle child, and nothing is queued
+queued in each child so a busy child seldom waits for a round trip between
+jobs: about 20 ms of work at the recent average job length (between 1 and
+``prefetch`` jobs), so small jobs queue deep, and jobs of 20 ms or more not at
+all (a round trip is small beside them). A Python script only goes to an idle child, and nothing is queued
 behind it.
 
 Every job has a wall-clock deadline, counted from the moment it starts (when
@@ -49,7 +49,7 @@ _ENGINE_CRASH_SIGNALS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT
 # out slow.
 QUEUE_TARGET_SECONDS = 0.02
 MAX_PREFETCH = 64
-_FIRST_DEPTH = 8  # until a job length has been measured
+_FIRST_DEPTH = 8  # the depth the running average starts from
 _AVERAGE_WEIGHT = 1 / 16  # of the newest job in the running average: one slow job shrinks the queues at once
 
 
@@ -290,7 +290,7 @@ class ProcessPool:
                     if not task.future.done():
                         task.future.set_result(message)
                     # A busy child is topped up only once half its queue is done: fewer, larger writes.
-                    if len(slot.sent) < max(1, self.depth // 2):
+                    if len(slot.sent) <= self.depth // 2:
                         self._dispatch()
                 elif message.get("event") == "spawned":
                     slot.job_pgid = int(message["pgid"])
