@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from worker.result_storage import (
     ResultStore,
     StoredResultCorrupt,
     checksum_of,
+    file_location,
     read_result,
     resolve_location,
 )
@@ -110,6 +112,13 @@ def prune(database_url: str, settings: Settings) -> int:
             return await Pruner(settings, pool, ResultStore(settings)).prune_finished_jobs()
 
     return asyncio.run(one_pass())
+
+
+def filesystem_storage(database_url: str, tmp_path: Path) -> tuple[Path, Settings]:
+    """A result folder under ``tmp_path`` and the settings of a worker storing large results there."""
+    env, folder = backend_env("filesystem", tmp_path)
+    assert folder is not None
+    return folder, storage_settings(database_url, env)
 
 
 def storage_row(db: psycopg.Connection, job_id: str) -> dict[str, Any] | None:
@@ -298,9 +307,7 @@ def test_retention_deletes_stored_results_with_their_jobs_and_the_files_of_delet
 def test_a_result_file_that_cannot_be_deleted_does_not_hold_up_the_others(
     db: psycopg.Connection, database_url: str, tmp_path: Path
 ) -> None:
-    env, folder = backend_env("filesystem", tmp_path)
-    assert folder is not None
-    settings = storage_settings(database_url, env)
+    folder, settings = filesystem_storage(database_url, tmp_path)
     stuck = folder / "ab" / "stuck.json.gz"
     (stuck / "inside").mkdir(parents=True)  # a non-empty directory in the file's place: unlink fails, even as root
     others = [folder / "cd" / f"{n}.json.gz" for n in range(3)]
@@ -337,9 +344,7 @@ def test_a_result_file_that_cannot_be_deleted_does_not_hold_up_the_others(
 def test_result_files_are_not_forgotten_while_the_storage_folder_is_away(
     db: psycopg.Connection, database_url: str, tmp_path: Path
 ) -> None:
-    env, folder = backend_env("filesystem", tmp_path)
-    assert folder is not None
-    settings = storage_settings(database_url, env)
+    folder, settings = filesystem_storage(database_url, tmp_path)
     orphan = folder / "ef" / "orphan.json.gz"
     orphan.parent.mkdir()
     orphan.write_bytes(b"x")
@@ -352,6 +357,41 @@ def test_result_files_are_not_forgotten_while_the_storage_folder_is_away(
     prune(database_url, settings)
     assert not orphan.exists()
     assert db.execute("SELECT count(*) FROM analysis_result_file_deletions").fetchone() == (0,)
+
+
+def test_old_result_files_no_job_will_ever_record_are_swept(
+    db: psycopg.Connection, database_url: str, tmp_path: Path
+) -> None:
+    folder, settings = filesystem_storage(database_url, tmp_path)
+    analysis = create_analysis(db, script="export default function analyze() { return 1; }")
+    done = submit(db, analysis, status="completed", attempts=1)
+    running = submit(db, analysis, status="running", worker_id="w1", attempts=2)
+    stranger = "0b6f0c1e-8a5e-4c49-9d7e-0f6a4bde2c01"  # no such job
+
+    def result_file(location: str, *, days_old: float) -> Path:
+        path = folder / location
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"x")
+        then = time.time() - days_old * 86400
+        os.utime(path, (then, then))
+        return path
+
+    recorded = result_file(file_location(done, 1), days_old=2)
+    db.execute(
+        "INSERT INTO analysis_result_storage (job_id, size_bytes, checksum, backend, location)"
+        " VALUES (%s, 1, 'x', 'filesystem', %s)",
+        (done, file_location(done, 1)),
+    )
+    still_running = result_file(file_location(running, 2), days_old=2)  # its worker may still record it
+    earlier_attempt = result_file(file_location(running, 1), days_old=2)  # that worker died before recording
+    unknown = result_file(file_location(stranger, 1), days_old=2)
+    recent = result_file(file_location(stranger, 2), days_old=0.5)  # a day's grace
+    half_written = result_file(f"{stranger[:2]}/.{stranger}.3.json.gz.k2j4h1.tmp", days_old=2)
+    not_ours = result_file(f"{stranger[:2]}/notes.txt", days_old=2)
+
+    prune(database_url, settings)
+    assert [path.exists() for path in (recorded, still_running, recent, not_ours)] == [True] * 4
+    assert [path.exists() for path in (earlier_attempt, unknown, half_written)] == [False] * 3
 
 
 def _claimed(job_id: str, analysis_id: str, attempt: int) -> ClaimedJob:
@@ -367,9 +407,7 @@ def _claimed(job_id: str, analysis_id: str, attempt: int) -> ClaimedJob:
 def test_fenced_out_attempt_stores_nothing_and_a_later_attempt_replaces_the_stored_result(
     db: psycopg.Connection, database_url: str, tmp_path: Path
 ) -> None:
-    env, folder = backend_env("filesystem", tmp_path)
-    assert folder is not None
-    settings = load_settings({"database_url": database_url}, {**env, "DATABASE_URL": database_url})
+    folder, settings = filesystem_storage(database_url, tmp_path)
     analysis = create_analysis(db, script="export default function analyze() { return 1; }")
     job = submit(db, analysis, status="running", worker_id="w1", attempts=2)
     big = outcome("completed", result_json=json.dumps("r" * 300_000))

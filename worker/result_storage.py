@@ -24,7 +24,9 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import tempfile
+import time
 import zlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
@@ -97,6 +99,45 @@ def checksum_of(data: bytes) -> str:
 def file_location(job_id: str, attempt: int) -> str:
     """Where a result file lives, relative to RESULT_STORAGE_DIR: one name per attempt, never reused."""
     return f"{job_id[:2]}/{job_id}.{attempt}.json.gz"
+
+
+_RESULT_FILE = re.compile(r"(?P<job_id>[0-9a-f]{8}(?:-[0-9a-f]{4}){3}-[0-9a-f]{12})\.(?P<attempt>\d+)\.json\.gz")
+_TEMPORARY_FILE = re.compile(r"\..+\.tmp")  # what _write_file_atomically leaves when its process dies
+
+
+@dataclass(frozen=True, slots=True)
+class FoundFile:
+    """A result file on disk, as file_location() named it."""
+
+    location: str
+    job_id: str
+    attempt: int
+
+
+def old_files(storage_dir: Path, min_age_seconds: float, limit: int) -> tuple[list[FoundFile], list[str]]:
+    """Result files, and locations of leftover temporary files, not modified for ``min_age_seconds``.
+
+    At most ``limit`` of them; anything else in the folder is left alone.
+    """
+    cutoff = time.time() - min_age_seconds
+    found: list[FoundFile] = []
+    temporary: list[str] = []
+    with os.scandir(storage_dir) as folders:
+        for folder in folders:
+            if not folder.is_dir(follow_symlinks=False):
+                continue
+            with os.scandir(folder.path) as entries:
+                for entry in entries:
+                    if len(found) + len(temporary) >= limit:
+                        return found, temporary
+                    if not entry.is_file(follow_symlinks=False) or entry.stat().st_mtime > cutoff:
+                        continue
+                    location = f"{folder.name}/{entry.name}"
+                    if match := _RESULT_FILE.fullmatch(entry.name):
+                        found.append(FoundFile(location, match["job_id"], int(match["attempt"])))
+                    elif _TEMPORARY_FILE.fullmatch(entry.name):
+                        temporary.append(location)
+    return found, temporary
 
 
 def resolve_location(storage_dir: Path, location: str) -> Path:
