@@ -26,7 +26,6 @@ import json
 import os
 import re
 import tempfile
-import time
 import zlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
@@ -114,12 +113,11 @@ class FoundFile:
     attempt: int
 
 
-def old_files(storage_dir: Path, min_age_seconds: float, limit: int) -> tuple[list[FoundFile], list[str]]:
-    """Result files, and locations of leftover temporary files, not modified for ``min_age_seconds``.
+def old_files(storage_dir: Path, cutoff: float, limit: int) -> tuple[list[FoundFile], list[str]]:
+    """Result files, and locations of leftover temporary files, not modified since ``cutoff`` (a ``time.time()``).
 
     At most ``limit`` of them; anything else in the folder is left alone.
     """
-    cutoff = time.time() - min_age_seconds
     found: list[FoundFile] = []
     temporary: list[str] = []
     with os.scandir(storage_dir) as folders:
@@ -217,16 +215,21 @@ class ResultStore:
             with contextlib.suppress(FileNotFoundError):
                 (self.storage_dir / stored.location).unlink()
 
-    def delete_files(self, locations: list[str]) -> dict[str, str]:
+    def delete_files(self, locations: list[str], *, unless_modified_since: float | None = None) -> dict[str, str]:
         """Delete result files no row refers to any more; missing ones are fine.
 
+        With ``unless_modified_since`` (a ``time.time()``), a file written since
+        is kept: its name was taken again, by a new attempt.
         Returns the files that exist but could not be deleted, with the reason.
         """
         assert self.storage_dir is not None
         failed: dict[str, str] = {}
         for location in locations:
             try:
-                resolve_location(self.storage_dir, location).unlink()
+                path = resolve_location(self.storage_dir, location)
+                if unless_modified_since is not None and path.stat().st_mtime > unless_modified_since:
+                    continue
+                path.unlink()
             except (FileNotFoundError, ResultNotAvailable):
                 continue
             except OSError as exc:

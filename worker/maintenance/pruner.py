@@ -129,7 +129,8 @@ class Pruner:
         folder = self._results.storage_dir
         assert folder is not None
         limit = _BATCH * _MAX_BATCHES_PER_PASS  # the rest waits for the next sweep
-        found, temporary = await asyncio.to_thread(old_files, folder, _UNRECORDED_MIN_AGE_SECONDS, limit)
+        cutoff = time.time() - _UNRECORDED_MIN_AGE_SECONDS
+        found, temporary = await asyncio.to_thread(old_files, folder, cutoff, limit)
         unrecorded: list[str] = []
         for start in range(0, len(found), _BATCH):
             batch = found[start : start + _BATCH]
@@ -140,7 +141,11 @@ class Pruner:
             }
             cur = await conn.execute(QUERIES["unrecorded_result_files"], params)
             unrecorded += [location for (location,) in await cur.fetchall()]
-        failed = await asyncio.to_thread(self._results.delete_files, unrecorded + temporary)
+        # A handed-back job's next claim reuses its attempt's file name: a file
+        # rewritten since the scan is that attempt's, and stays.
+        failed = await asyncio.to_thread(
+            self._results.delete_files, unrecorded + temporary, unless_modified_since=cutoff
+        )
         deleted = len(unrecorded) + len(temporary) - len(failed)
         if deleted:
             log.info("retention: deleted %d result file(s) that no job ever recorded", deleted)
