@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
+import sysconfig
 from pathlib import Path
 from typing import Any
 
@@ -77,3 +80,22 @@ def test_a_library_that_cannot_be_preloaded_leaves_the_children_on_the_system_al
     allocator, (ok,) = asyncio.run(run_jobs(broken, [job_message(source="export default () => 2;")]))
     # The pool reports what the children actually run on, so POOL_ALLOCATOR=mimalloc can refuse to start.
     assert (allocator, ok["status"], ok["result_json"]) == ("system", "completed", "2")
+
+
+@needs_mimalloc
+def test_mimalloc_is_found_without_the_startup_hook_its_package_installs() -> None:
+    # cmeel's .pth file costs every interpreter start in the venv ~20 ms; the
+    # container image deletes it, so the worker must not need it (-S: no .pth runs).
+    code = (
+        "import sys; sys.path[:0] = sys.argv[1:]; from worker.allocator import mimalloc_library; "
+        "print(mimalloc_library(), 'cmeel_pth' in sys.modules)"
+    )
+    root = str(Path(__file__).resolve().parents[1])
+    found = subprocess.run(
+        [sys.executable, "-S", "-c", code, root, sysconfig.get_paths()["purelib"]],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout.split()
+    assert found == [str(mimalloc_library()), "False"]

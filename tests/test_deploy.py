@@ -114,6 +114,7 @@ def test_dockerfile_is_multi_stage_non_root_with_the_cli_as_entrypoint() -> None
     assert 'ENTRYPOINT ["analysis-executor"]' in text
     final_stage = text.rsplit("\nFROM ", 1)[1]
     assert "pip install" not in final_stage and "gcc" not in final_stage
+    assert "rm -f /opt/venv/lib/python3.*/site-packages/cmeel.pth" in text  # see test_allocator
     ignored = [line for line in (REPO_ROOT / ".dockerignore").read_text().split("\n") if line and line[0] != "#"]
     assert ignored[0] == "*" and "!worker/" in ignored and "!migrations/" in ignored
 
