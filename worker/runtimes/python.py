@@ -417,6 +417,35 @@ def _reap_orphans(timeout: float = 2.0) -> None:
 
 
 def _descendants(root: int) -> list[int]:
+    """Every live descendant of ``root``.
+
+    Read from the kernel's per-thread children lists, which visits only the
+    descendants (usually none: ~0.05 ms); where the kernel keeps no such lists
+    (CONFIG_PROC_CHILDREN), from every process's parent in /proc (several ms).
+    """
+    if not Path(f"/proc/{root}/task/{root}/children").exists():
+        return _descendants_by_scan(root)
+    found, frontier = [], [root]
+    while frontier:
+        for child in _children(frontier.pop()):
+            found.append(child)
+            frontier.append(child)
+    return found
+
+
+def _children(pid: int) -> list[int]:
+    """The children of ``pid`` (of all its threads); none once it is gone."""
+    children: list[int] = []
+    try:
+        for task in os.scandir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError):  # the thread ended meanwhile
+                children += [int(child) for child in Path(task.path, "children").read_text().split()]
+    except OSError:  # the process ended meanwhile
+        pass
+    return children
+
+
+def _descendants_by_scan(root: int) -> list[int]:
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
