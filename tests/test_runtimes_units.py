@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -93,3 +95,41 @@ def test_javascript_time_limit_covers_module_code_and_endless_microtasks() -> No
     assert (microtasks["status"], microtasks["stdout"]) == ("timeout", "go\n")
     top_level = run_javascript({**job, "source": "while (true) {}\nexport default function analyze() { return 1; }"})
     assert top_level["status"] == "timeout"
+
+
+DAEMON_SCRIPT = """
+import os, sys, time
+if os.fork() == 0:
+    if os.fork() == 0:  # a daemon: its parent exits, so it is re-parented to the pool child
+        os.setsid()  # and it leaves the script's process group
+        print(os.getpid(), file=open(sys.argv[1], "w"), flush=True)
+        time.sleep(300)
+    os._exit(0)
+time.sleep(0.3)
+print("{}")
+"""
+
+# As a pool child runs it: a subreaper, running one script (in a process of its own,
+# since becoming a subreaper would change this test process for the rest of the run).
+RUN_AS_POOL_CHILD = """
+import json, os, sys
+from tests.messages import job_message
+from worker.runtimes.python import become_subreaper, run_python_script
+become_subreaper()
+job = job_message("python", script_path=sys.argv[1], parameters_json=json.dumps({"args": [sys.argv[2]]}))
+result = run_python_script(job, on_spawn=lambda pid: None)
+daemon = int(open(sys.argv[2]).read())
+print(result["status"], os.path.exists(f"/proc/{daemon}"))
+"""
+
+
+def test_a_daemon_left_behind_by_a_python_script_is_killed(tmp_path: Path) -> None:
+    script = tmp_path / "daemon.py"
+    script.write_text(DAEMON_SCRIPT)
+    pid_file = tmp_path / "daemon.pid"
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", RUN_AS_POOL_CHILD, str(script), str(pid_file)],
+        cwd=root, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.stdout.split() == ["completed", "False"], done.stderr
