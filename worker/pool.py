@@ -5,8 +5,8 @@ runs the jobs it is sent one after another. The pool keeps JavaScript jobs
 queued in each child so a busy child seldom waits for a round trip between
 jobs: about 20 ms of work at the recent average job length (between 1 and
 ``prefetch`` jobs), so small jobs queue deep, and jobs of 20 ms or more not at
-all (a round trip is small beside them). A Python script only goes to an idle child, and nothing is queued
-behind it.
+all (a round trip is small beside them). A Python script only goes to an idle
+child, and nothing is queued behind it.
 
 Every job has a wall-clock deadline, counted from the moment it starts (when
 the job ahead of it in its child finished). A child whose job overruns its
