@@ -1,9 +1,12 @@
-"""Job messages as the executor sends them to a pool child, for tests that drive the pool directly."""
+"""Jobs as the worker holds them: claimed rows, and the messages the executor sends to a pool child."""
 
 from __future__ import annotations
 
 import sys
+from datetime import UTC, datetime
 from typing import Any
+
+from worker.lifecycle import ClaimedJob
 
 
 def job_message(runtime: str = "javascript", source: str = "", **extra: Any) -> dict[str, Any]:
@@ -23,3 +26,14 @@ def job_message(runtime: str = "javascript", source: str = "", **extra: Any) -> 
         "python": sys.executable,
         **extra,
     }
+
+
+def claimed_job(job_id: str, analysis_id: str, attempt: int) -> ClaimedJob:
+    """A job as the claim returns it, for tests that drive the recorder or heartbeat directly."""
+    now = datetime.now(UTC)
+    return ClaimedJob(
+        id=job_id, analysis_id=analysis_id, priority=0, parameters_json="{}", attempt=attempt, max_attempts=3,
+        created_at=now, run_at=now, started_at=now, analysis_version=1, is_active=True, runtime="javascript",
+        script_content="", script_name=None, timeout_ms=None, memory_limit_mb=None, retry_script_errors=False,
+        dependencies_json=None,
+    )  # fmt: skip

@@ -24,11 +24,17 @@ import pytest
 from psycopg_pool import AsyncConnectionPool
 
 from tests.conftest import WorkerProcess, create_analysis, submit, wait_for_jobs
+from tests.messages import claimed_job
 from tests.processes import alive, child_pids
 from worker.config import load_settings
+from worker.lifecycle import ClaimedJob, JobLifecycle
+from worker.maintenance.heartbeat import Heartbeat
 from worker.maintenance.pruner import Pruner
+from worker.metrics import Metrics
 from worker.queries import JOBS_FINISHED_CHANNEL
+from worker.recorder import Recorder
 from worker.result_storage import ResultStore
+from worker.runtimes.protocol import outcome
 
 SHORT_LEASE = {"JOB_LEASE_SECONDS": "1"}
 GOOD = 'export default function analyze() { return {result: "success"}; }'
@@ -163,6 +169,68 @@ def test_registry_lists_live_workers_and_forgets_dead_ones(
     )
     survivor.stop()
     assert db.execute("SELECT count(*) FROM analysis_workers").fetchone() == (0,)
+
+
+class _Holding:
+    """The executor as the heartbeat sees it: the jobs it holds, and nothing to interrupt."""
+
+    def __init__(self, jobs: list[ClaimedJob]) -> None:
+        self._jobs = jobs
+
+    def held(self) -> list[ClaimedJob]:
+        return self._jobs
+
+    def interrupt(self, job_id: str, reason: str, attempt: int | None = None) -> bool:
+        raise AssertionError(f"job {job_id} was interrupted ({reason}): its lease should have been renewed")
+
+
+def test_lease_renewal_and_recording_never_lock_the_same_rows_at_once(
+    db: psycopg.Connection, database_url: str
+) -> None:
+    """Each locks many of the worker's rows, in an order of its own: run together, they could deadlock."""
+    analysis = create_analysis(db, script=GOOD)
+    jobs = [
+        claimed_job(submit(db, analysis, status="running", worker_id="w1", attempts=1), analysis, 1) for _ in range(3)
+    ]
+    settings = load_settings({"database_url": database_url, "worker_id": "w1"})
+    old_beat = "2000-01-01T00:00:00Z"
+    db.execute("UPDATE analysis_jobs SET heartbeat_at = %s", (old_beat,))
+
+    def renewed() -> int:
+        return db.execute("SELECT count(*) FROM analysis_jobs WHERE heartbeat_at > %s", (old_beat,)).fetchone()[0]
+
+    def completed() -> int:
+        return db.execute("SELECT count(*) FROM analysis_jobs WHERE status = 'completed'").fetchone()[0]
+
+    async def scenario() -> None:
+        recorder = Recorder(database_url, "w1", Metrics(), ResultStore(settings))
+        writer = asyncio.create_task(recorder.run())
+        async with AsyncConnectionPool(database_url, min_size=1, kwargs={"autocommit": True}) as pool:
+            heartbeat = Heartbeat(
+                settings, pool, _Holding(jobs), JobLifecycle(Metrics()), lambda: False, recorder.row_writes
+            )
+            await heartbeat.register()
+            try:
+                async with recorder.row_writes:  # as if a batch were being written
+                    beat = asyncio.create_task(heartbeat.beat())
+                    await asyncio.sleep(0.5)
+                    assert not beat.done() and renewed() == 0
+                await beat
+                assert renewed() == 3
+
+                async with recorder.row_writes:  # as if the leases were being renewed
+                    record = asyncio.create_task(
+                        recorder.record(jobs[0], outcome("completed", result_json='{"ok": true}'))
+                    )
+                    await asyncio.sleep(0.5)
+                    assert not record.done() and completed() == 0
+                assert await record == "completed"
+                assert completed() == 1
+            finally:
+                writer.cancel()
+                await recorder.close()
+
+    asyncio.run(scenario())
 
 
 # --- claims: jobs start while the claim commits ---------------------------------

@@ -13,7 +13,6 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +22,8 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from tests.conftest import WorkerProcess, create_analysis, submit, wait_for_jobs
+from tests.messages import claimed_job
 from worker.config import Settings, load_settings
-from worker.lifecycle import ClaimedJob
 from worker.maintenance.pruner import Pruner
 from worker.metrics import Metrics
 from worker.recorder import Recorder
@@ -394,16 +393,6 @@ def test_old_result_files_no_job_will_ever_record_are_swept(
     assert [path.exists() for path in (earlier_attempt, unknown, half_written)] == [False] * 3
 
 
-def _claimed(job_id: str, analysis_id: str, attempt: int) -> ClaimedJob:
-    now = datetime.now(UTC)
-    return ClaimedJob(
-        id=job_id, analysis_id=analysis_id, priority=0, parameters_json="{}", attempt=attempt, max_attempts=3,
-        created_at=now, run_at=now, started_at=now, analysis_version=1, is_active=True, runtime="javascript",
-        script_content="", script_name=None, timeout_ms=None, memory_limit_mb=None, retry_script_errors=False,
-        dependencies_json=None,
-    )  # fmt: skip
-
-
 def test_fenced_out_attempt_stores_nothing_and_a_later_attempt_replaces_the_stored_result(
     db: psycopg.Connection, database_url: str, tmp_path: Path
 ) -> None:
@@ -418,7 +407,7 @@ def test_fenced_out_attempt_stores_nothing_and_a_later_attempt_replaces_the_stor
         writer = asyncio.create_task(recorder.run())
         try:
             prepared, stored = await store.prepare(job, attempt, result)
-            return await recorder.record(_claimed(job, analysis, attempt), prepared, stored=stored)
+            return await recorder.record(claimed_job(job, analysis, attempt), prepared, stored=stored)
         finally:
             writer.cancel()
             await recorder.close()

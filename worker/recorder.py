@@ -53,6 +53,10 @@ class Recorder:
         self._metrics = metrics
         self._results = results
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        # Held while a batch is written. The heartbeat holds it while it renews
+        # leases: both lock many of this worker's rows, so they never run at once
+        # (and never deadlock, whatever order each statement's plan locks rows in).
+        self.row_writes = asyncio.Lock()
         self.database_ok = True
 
     async def record(
@@ -141,6 +145,10 @@ class Recorder:
             return written
 
     async def _write(self, batch: list[_Pending]) -> dict[str, str]:
+        async with self.row_writes:
+            return await self._write_locked(batch)
+
+    async def _write_locked(self, batch: list[_Pending]) -> dict[str, str]:
         conn = await self._conn.get()
         large = [item.stored for item in batch if item.stored is not None]
         if not large:

@@ -8,6 +8,7 @@ cancel notification).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -34,8 +35,11 @@ class Heartbeat:
         executor: Executor,
         lifecycle: JobLifecycle,
         is_draining: Callable[[], bool],
+        row_writes: asyncio.Lock,
     ) -> None:
+        """``row_writes`` is held while leases are renewed: the recorder's (see Recorder.row_writes)."""
         self._settings = settings
+        self._row_writes = row_writes
         self._db_pool = db_pool
         self._executor = executor
         self._lifecycle = lifecycle
@@ -74,7 +78,7 @@ class Heartbeat:
         jobs = self._executor.held()
         ids = [job.id for job in jobs]
         async with self._db_pool.connection() as conn:
-            async with conn.transaction():
+            async with self._row_writes, conn.transaction():
                 await conn.execute(QUERIES["touch_worker"], self._registry_row())
                 renewed: set[tuple[str, int]] = set()
                 if ids:

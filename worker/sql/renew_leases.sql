@@ -1,7 +1,8 @@
 -- Renew the lease of every attempt this worker still runs, in one statement,
 -- and learn which of them are no longer ours (cancelled, rescued, deleted).
 -- Fenced by worker and attempt, like every write about a job. Rows are locked
--- in id order, as the recorder writes them, so the two never deadlock.
+-- in id order; the worker never runs this while it records outcomes
+-- (record_outcomes.sql), so the two never deadlock.
 WITH mine AS (
     SELECT job.id
     FROM analysis_jobs AS job
