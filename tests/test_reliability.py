@@ -27,6 +27,7 @@ from tests.conftest import WorkerProcess, create_analysis, submit, wait_for_jobs
 from tests.messages import claimed_job
 from tests.processes import alive, child_pids
 from worker.config import load_settings
+from worker.executor import CANCELLED, LEASE_LOST
 from worker.lifecycle import ClaimedJob, JobLifecycle
 from worker.maintenance.heartbeat import Heartbeat
 from worker.maintenance.pruner import Pruner
@@ -172,65 +173,91 @@ def test_registry_lists_live_workers_and_forgets_dead_ones(
 
 
 class _Holding:
-    """The executor as the heartbeat sees it: the jobs it holds, and nothing to interrupt."""
+    """The executor as the heartbeat sees it: the jobs it holds, and the ones it was told to stop."""
 
     def __init__(self, jobs: list[ClaimedJob]) -> None:
         self._jobs = jobs
+        self.interrupted: list[tuple[str, str]] = []
 
     def held(self) -> list[ClaimedJob]:
         return self._jobs
 
     def interrupt(self, job_id: str, reason: str, attempt: int | None = None) -> bool:
-        raise AssertionError(f"job {job_id} was interrupted ({reason}): its lease should have been renewed")
+        self.interrupted.append((job_id, reason))
+        return True
 
 
-def test_lease_renewal_and_recording_never_lock_the_same_rows_at_once(
-    db: psycopg.Connection, database_url: str
+def test_lease_renewal_never_waits_for_a_locked_row_nor_stops_its_job(
+    db: psycopg.Connection, database_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Each locks many of the worker's rows, in an order of its own: run together, they could deadlock."""
+    """The result writer locks its batch's rows in any order: renewal must not wait for them (no deadlock)."""
     analysis = create_analysis(db, script=GOOD)
     jobs = [
-        claimed_job(submit(db, analysis, status="running", worker_id="w1", attempts=1), analysis, 1) for _ in range(3)
+        claimed_job(submit(db, analysis, status="running", worker_id="w1", attempts=1), analysis, 1) for _ in range(4)
     ]
-    settings = load_settings({"database_url": database_url, "worker_id": "w1"})
+    locked, cancelled, claimed_again, free = (job.id for job in jobs)
     old_beat = "2000-01-01T00:00:00Z"
     db.execute("UPDATE analysis_jobs SET heartbeat_at = %s", (old_beat,))
+    db.execute("UPDATE analysis_jobs SET status = 'cancelled' WHERE id = %s", (cancelled,))
+    # Rescued and claimed again by this same worker: attempt 1, which it still holds, is lost.
+    db.execute("UPDATE analysis_jobs SET attempts = 2 WHERE id = %s", (claimed_again,))
+    settings = load_settings({"database_url": database_url, "worker_id": "w1"})
+    executor = _Holding(jobs)
 
-    def renewed() -> int:
-        return db.execute("SELECT count(*) FROM analysis_jobs WHERE heartbeat_at > %s", (old_beat,)).fetchone()[0]
+    def renewed() -> set[str]:
+        rows = db.execute("SELECT id FROM analysis_jobs WHERE heartbeat_at > %s", (old_beat,)).fetchall()
+        return {str(row[0]) for row in rows}
 
-    def completed() -> int:
-        return db.execute("SELECT count(*) FROM analysis_jobs WHERE status = 'completed'").fetchone()[0]
-
-    async def scenario() -> None:
-        recorder = Recorder(database_url, "w1", Metrics(), ResultStore(settings))
-        writer = asyncio.create_task(recorder.run())
+    async def beat() -> None:
         async with AsyncConnectionPool(database_url, min_size=1, kwargs={"autocommit": True}) as pool:
-            heartbeat = Heartbeat(
-                settings, pool, _Holding(jobs), JobLifecycle(Metrics()), lambda: False, recorder.row_writes
-            )
+            heartbeat = Heartbeat(settings, pool, executor, JobLifecycle(Metrics()), lambda: False)
             await heartbeat.register()
-            try:
-                async with recorder.row_writes:  # as if a batch were being written
-                    beat = asyncio.create_task(heartbeat.beat())
-                    await asyncio.sleep(0.5)
-                    assert not beat.done() and renewed() == 0
-                await beat
-                assert renewed() == 3
+            async with asyncio.timeout(20):  # without SKIP LOCKED it waits as long as the lock is held
+                await heartbeat.beat()
 
-                async with recorder.row_writes:  # as if the leases were being renewed
-                    record = asyncio.create_task(
-                        recorder.record(jobs[0], outcome("completed", result_json='{"ok": true}'))
-                    )
-                    await asyncio.sleep(0.5)
-                    assert not record.done() and completed() == 0
-                assert await record == "completed"
-                assert completed() == 1
-            finally:
-                writer.cancel()
-                await recorder.close()
+    with psycopg.connect(database_url) as holder:  # a transaction writing two jobs' rows, left open
+        holder.execute(
+            "UPDATE analysis_jobs SET stdout = 'being recorded' WHERE id = ANY(%s::uuid[])", ([locked, claimed_again],)
+        )
+        asyncio.run(beat())
+        assert renewed() == {free}
+        # The locked job is still this attempt's: nothing stops it. The others are no longer held.
+        assert executor.interrupted == [(cancelled, CANCELLED), (claimed_again, LEASE_LOST)]
+        # Its lease is long past half spent: the log says so.
+        assert [r.job_id for r in caplog.records if "locked by another transaction" in r.getMessage()] == [locked]
+        holder.rollback()
+    executor.interrupted.clear()
+    asyncio.run(beat())
+    assert renewed() == {free, locked}
+    assert executor.interrupted == [(cancelled, CANCELLED), (claimed_again, LEASE_LOST)]
 
-    asyncio.run(scenario())
+
+def test_an_earlier_attempt_recorded_in_the_same_batch_as_the_current_one_is_fenced_off(
+    db: psycopg.Connection, database_url: str
+) -> None:
+    """The same worker can hold two attempts of a job (the first rescued, the second claimed again)."""
+    analysis = create_analysis(db, script=GOOD)
+    job = submit(db, analysis, status="running", worker_id="w1", attempts=2)
+    settings = load_settings({"database_url": database_url, "worker_id": "w1"})
+
+    async def record_both() -> tuple[str | None, str | None]:
+        recorder = Recorder(database_url, "w1", Metrics(), ResultStore(settings))
+        earlier = asyncio.create_task(
+            recorder.record(claimed_job(job, analysis, 1), outcome("completed", result_json='"earlier"'))
+        )
+        current = asyncio.create_task(
+            recorder.record(claimed_job(job, analysis, 2), outcome("completed", result_json='"current"'))
+        )
+        await asyncio.sleep(0)  # both are queued before the writer starts: one batch
+        writer = asyncio.create_task(recorder.run())
+        try:
+            return await earlier, await current
+        finally:
+            writer.cancel()
+            await recorder.close()
+
+    assert asyncio.run(record_both()) == (None, "completed")
+    assert db.execute("SELECT result FROM analysis_jobs WHERE id = %s", (job,)).fetchone() == ("current",)
 
 
 # --- claims: jobs start while the claim commits ---------------------------------

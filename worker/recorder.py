@@ -53,10 +53,6 @@ class Recorder:
         self._metrics = metrics
         self._results = results
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
-        # Held while a batch is written. The heartbeat holds it while it renews
-        # leases: both lock many of this worker's rows, so they never run at once
-        # (and never deadlock, whatever order each statement's plan locks rows in).
-        self.row_writes = asyncio.Lock()
         self.database_ok = True
 
     async def record(
@@ -92,9 +88,9 @@ class Recorder:
                 stored = {}
             for item in batch:
                 if item.stored is not None:
-                    await self._settle_stored_result(item.stored, stored.get(item.job.id))
+                    await self._settle_stored_result(item.stored, stored.get((item.job.id, item.job.attempt)))
                 if not item.done.done():
-                    item.done.set_result(stored.get(item.job.id))
+                    item.done.set_result(stored.get((item.job.id, item.job.attempt)))
 
     async def _settle_stored_result(self, result: StoredResult, status: str | None) -> None:
         """Count a large result that was stored with its row; remove the file of one that was not.
@@ -121,7 +117,7 @@ class Recorder:
                 return
         self._results.discard(result)
 
-    async def _write_with_retry(self, batch: list[_Pending]) -> dict[str, str]:
+    async def _write_with_retry(self, batch: list[_Pending]) -> dict[tuple[str, int], str]:
         backoff = 0.1
         while True:
             try:
@@ -144,27 +140,23 @@ class Recorder:
             self.database_ok = True
             return written
 
-    async def _write(self, batch: list[_Pending]) -> dict[str, str]:
-        async with self.row_writes:
-            return await self._write_locked(batch)
-
-    async def _write_locked(self, batch: list[_Pending]) -> dict[str, str]:
+    async def _write(self, batch: list[_Pending]) -> dict[tuple[str, int], str]:
         conn = await self._conn.get()
         large = [item.stored for item in batch if item.stored is not None]
         if not large:
             cur = await conn.execute(QUERIES["record_outcomes"], self._params(batch), prepare=True)
-            return {str(job_id): status for job_id, status in await cur.fetchall()}
+            return {(str(job_id), attempt): status for job_id, attempt, status in await cur.fetchall()}
         # One transaction: a job row never points at a result that is not there.
         # store_results.sql stores exactly the results of the rows this update
         # completed, so a row's status says whether its result was stored.
         async with conn.transaction():
             cur = await conn.execute(QUERIES["record_outcomes"], self._params(batch), prepare=True)
-            written = {str(job_id): status for job_id, status in await cur.fetchall()}
+            written = {(str(job_id), attempt): status for job_id, attempt, status in await cur.fetchall()}
             await conn.execute(QUERIES["store_results"], self._storage_params(large))
         return written
 
-    async def _write_one_by_one(self, batch: list[_Pending]) -> dict[str, str]:
-        stored: dict[str, str] = {}
+    async def _write_one_by_one(self, batch: list[_Pending]) -> dict[tuple[str, int], str]:
+        stored: dict[tuple[str, int], str] = {}
         for item in batch:
             try:
                 stored |= await self._write_with_retry_single(item)
@@ -183,7 +175,7 @@ class Recorder:
                     log.error("Job %s: could not record its outcome (%s); it will be rescued", item.job.id, again)
         return stored
 
-    async def _write_with_retry_single(self, item: _Pending) -> dict[str, str]:
+    async def _write_with_retry_single(self, item: _Pending) -> dict[tuple[str, int], str]:
         """Write one outcome, retrying transient errors; raises the others."""
         backoff = 0.1
         while True:

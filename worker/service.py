@@ -174,9 +174,7 @@ class Worker:
                     f"cannot serve HTTP on {settings.host}:{settings.port}: {exc.strerror}"
                 ) from None
             log.info("HTTP server listening on http://%s:%d (/health, /metrics, /jobs)", settings.host, settings.port)
-            heartbeat = Heartbeat(
-                settings, db_pool, executor, self.lifecycle, lambda: self.draining, self._recorder.row_writes
-            )
+            heartbeat = Heartbeat(settings, db_pool, executor, self.lifecycle, lambda: self.draining)
             await heartbeat.register()
             rescuer = Rescuer(settings, db_pool, self.wakeups)
             pruner = Pruner(settings, db_pool, results)

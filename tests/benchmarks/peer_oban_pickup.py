@@ -45,7 +45,7 @@ removed at the end.
 Only loopback / Unix-socket servers are accepted.
 
 Usage:
-    python oban_pickup.py [--runs 3] [--jobs 200] [--concurrency 10] [--uvloop]
+    python peer_oban_pickup.py [--runs 3] [--jobs 200] [--concurrency 10] [--uvloop]
                           [--synchronous-commit off] [--no-notify]
 """
 

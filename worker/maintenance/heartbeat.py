@@ -1,14 +1,16 @@
 """Heartbeat: renew this worker's leases and registry row; notice jobs that are no longer ours.
 
-One statement renews ``heartbeat_at`` of every job this worker is running.
-A job missing from its answer was cancelled, rescued after a lost lease, or
-deleted: its process is killed at once (the poll-side fallback to the
-cancel notification).
+One statement renews ``heartbeat_at`` of every job this worker is running;
+it skips rows another transaction holds locked rather than wait for them.
+A job missing from its answer that is no longer this attempt's was
+cancelled, rescued after a lost lease, or deleted: its process is killed at
+once (the poll-side fallback to the cancel notification). One that is still
+this attempt's was only locked: its lease is renewed at the first beat after
+the lock is released, and a warning says so once half of it is spent.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import socket
@@ -35,11 +37,8 @@ class Heartbeat:
         executor: Executor,
         lifecycle: JobLifecycle,
         is_draining: Callable[[], bool],
-        row_writes: asyncio.Lock,
     ) -> None:
-        """``row_writes`` is held while leases are renewed: the recorder's (see Recorder.row_writes)."""
         self._settings = settings
-        self._row_writes = row_writes
         self._db_pool = db_pool
         self._executor = executor
         self._lifecycle = lifecycle
@@ -73,12 +72,13 @@ class Heartbeat:
 
     async def beat(self) -> None:
         """Renew leases, refresh the registry row, stop jobs that are no longer ours."""
-        # Jobs still being recorded keep their lease too, or a slow write after a
-        # database outage would race the rescuer.
+        # Jobs still being recorded keep their lease too (unless the write holds
+        # their rows locked right now), or a slow write after a database outage
+        # would race the rescuer.
         jobs = self._executor.held()
         ids = [job.id for job in jobs]
         async with self._db_pool.connection() as conn:
-            async with self._row_writes, conn.transaction():
+            async with conn.transaction():
                 await conn.execute(QUERIES["touch_worker"], self._registry_row())
                 renewed: set[tuple[str, int]] = set()
                 if ids:
@@ -91,11 +91,28 @@ class Heartbeat:
             if not lost:
                 return
             lost_ids = [job.id for job in lost]
-            cur = await conn.execute("SELECT id, status FROM analysis_jobs WHERE id = ANY(%s::uuid[])", (lost_ids,))
-            statuses = {str(row[0]): row[1] for row in await cur.fetchall()}
+            cur = await conn.execute(
+                "SELECT id, status, worker_id, attempts, EXTRACT(EPOCH FROM now() - heartbeat_at)::float8"
+                " FROM analysis_jobs WHERE id = ANY(%s::uuid[])",
+                (lost_ids,),
+            )
+            rows = {str(row[0]): row[1:] for row in await cur.fetchall()}
+        lease = self._settings.job_lease_seconds
         for job in lost:
             job_id = job.id
-            status = statuses.get(job_id)
+            status, worker_id, attempts, lease_age = rows.get(job_id, (None, None, None, None))
+            if (status, worker_id, attempts) == ("running", self._settings.worker_id, job.attempt):
+                # Still ours, only locked by another transaction: renewed once it lets go.
+                if lease_age is not None and lease_age > lease / 2:
+                    log.warning(
+                        "Job %s: its row has been locked by another transaction for a while; its lease was "
+                        "last renewed %.0fs ago and runs out after %.0fs, when the job may be rescued",
+                        job_id,
+                        lease_age,
+                        lease,
+                        extra={"job_id": job_id},
+                    )
+                continue
             reason = CANCELLED if status == "cancelled" else (LEASE_LOST if status else "job row deleted")
             # Only the attempt that lost its lease: a newer one of the same job may run here too.
             if self._executor.interrupt(job_id, reason, job.attempt):
