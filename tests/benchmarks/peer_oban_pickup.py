@@ -74,6 +74,10 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import AsyncConnectionPool
 
+# The same percentile as our own benchmark (a module with no dependencies).
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tests.benchmarks.stats import percentile
+
 # ---------------------------------------------------------------------------
 # Parameters of the measurement (the same as our own benchmark).
 # ---------------------------------------------------------------------------
@@ -177,17 +181,6 @@ def inserter_main(dsn: str, template: dict, n_jobs: int, notify: bool, pipe) -> 
 # ---------------------------------------------------------------------------
 # Statistics and output.
 # ---------------------------------------------------------------------------
-def percentile(values: list[float], p: float) -> float:
-    """Linear-interpolated percentile (numpy's default method)."""
-    s = sorted(values)
-    if not s:
-        return math.nan
-    k = (len(s) - 1) * p / 100.0
-    lo = math.floor(k)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
-
-
 def fmt(x: float) -> str:
     return f"{x:.2f}"
 
@@ -333,12 +326,14 @@ async def run_once(dsn: str, args) -> dict:
 
 def describe_run(i: int, r: dict) -> str:
     fl, en = r["first_line"], r["entry"]
+    if not fl:
+        return f"run {i}: jobs 0/{r['inserted']}: none ran"
     line = (
         f"run {i}: jobs {r['ran']}/{r['inserted']} | commit->JS first line ms: "
-        f"p50 {fmt(percentile(fl, 50))} p95 {fmt(percentile(fl, 95))} "
-        f"p99 {fmt(percentile(fl, 99))} max {fmt(max(fl, default=math.nan))} | "
-        f"commit->perform entry ms: p50 {fmt(percentile(en, 50))} "
-        f"p95 {fmt(percentile(en, 95))} p99 {fmt(percentile(en, 99))}"
+        f"p50 {fmt(percentile(fl, 0.5))} p95 {fmt(percentile(fl, 0.95))} "
+        f"p99 {fmt(percentile(fl, 0.99))} max {fmt(max(fl, default=math.nan))} | "
+        f"commit->perform entry ms: p50 {fmt(percentile(en, 0.5))} "
+        f"p95 {fmt(percentile(en, 0.95))} p99 {fmt(percentile(en, 0.99))}"
     )
     negatives = sum(1 for x in en if x < 0)
     if negatives:
@@ -379,7 +374,7 @@ async def main_async(args) -> int:
                 print(describe_run(i, r), flush=True)
                 complete = complete and r["ran"] == r["inserted"] == args.jobs
                 if r["first_line"]:
-                    p50s.append(percentile(r["first_line"], 50))
+                    p50s.append(percentile(r["first_line"], 0.5))
         finally:
             drop_database(admin_url)
 

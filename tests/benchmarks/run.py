@@ -38,6 +38,7 @@ import psycopg
 import quickjs
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from tests.benchmarks.stats import percentile
 from tests.claims import claim_jobs
 from tests.processes import child_pids, rss_kib
 from worker.allocator import child_environment, mimalloc_library
@@ -222,11 +223,6 @@ def throughput_of_finished(conn: psycopg.Connection) -> float:
         " WHERE status = 'completed'"
     ).fetchone()  # type: ignore[misc]
     return count / float(seconds)
-
-
-def percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(p * (len(ordered) - 1)))]
 
 
 # --- workloads ----------------------------------------------------------------------
