@@ -33,7 +33,9 @@ def claimed_job(job_id: str, analysis_id: str, attempt: int) -> ClaimedJob:
     now = datetime.now(UTC)
     return ClaimedJob(
         id=job_id, analysis_id=analysis_id, priority=0, parameters_json="{}", attempt=attempt, max_attempts=3,
-        created_at=now, run_at=now, started_at=now, analysis_version=1, is_active=True, runtime="javascript",
+        no_attempts_left=False,
+        created_at_epoch=now.timestamp(), run_at_epoch=now.timestamp(), started_at=now, analysis_version=1,
+        is_active=True, runtime="javascript",
         script_content="", script_name=None, timeout_ms=None, memory_limit_mb=None, retry_script_errors=False,
         dependencies_json=None,
     )  # fmt: skip

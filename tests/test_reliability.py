@@ -27,15 +27,14 @@ from tests.conftest import WorkerProcess, create_analysis, submit, wait_for_jobs
 from tests.messages import claimed_job
 from tests.processes import alive, child_pids
 from worker.config import load_settings
-from worker.executor import CANCELLED, LEASE_LOST
 from worker.lifecycle import ClaimedJob, JobLifecycle
 from worker.maintenance.heartbeat import Heartbeat
 from worker.maintenance.pruner import Pruner
 from worker.metrics import Metrics
+from worker.model import Interruption, JobStatus, Outcome
 from worker.queries import JOBS_FINISHED_CHANNEL
-from worker.recorder import Recorder
+from worker.recorder import Recorded, Recorder
 from worker.result_storage import ResultStore
-from worker.runtimes.protocol import outcome
 
 SHORT_LEASE = {"JOB_LEASE_SECONDS": "1"}
 GOOD = 'export default function analyze() { return {result: "success"}; }'
@@ -222,14 +221,14 @@ def test_lease_renewal_never_waits_for_a_locked_row_nor_stops_its_job(
         asyncio.run(beat())
         assert renewed() == {free}
         # The locked job is still this attempt's: nothing stops it. The others are no longer held.
-        assert executor.interrupted == [(cancelled, CANCELLED), (claimed_again, LEASE_LOST)]
+        assert executor.interrupted == [(cancelled, Interruption.CANCELLED), (claimed_again, Interruption.LEASE_LOST)]
         # Its lease is long past half spent: the log says so.
         assert [r.job_id for r in caplog.records if "locked by another transaction" in r.getMessage()] == [locked]
         holder.rollback()
     executor.interrupted.clear()
     asyncio.run(beat())
     assert renewed() == {free, locked}
-    assert executor.interrupted == [(cancelled, CANCELLED), (claimed_again, LEASE_LOST)]
+    assert executor.interrupted == [(cancelled, Interruption.CANCELLED), (claimed_again, Interruption.LEASE_LOST)]
 
 
 def test_an_earlier_attempt_recorded_in_the_same_batch_as_the_current_one_is_fenced_off(
@@ -240,13 +239,13 @@ def test_an_earlier_attempt_recorded_in_the_same_batch_as_the_current_one_is_fen
     job = submit(db, analysis, status="running", worker_id="w1", attempts=2)
     settings = load_settings({"database_url": database_url, "worker_id": "w1"})
 
-    async def record_both() -> tuple[str | None, str | None]:
+    async def record_both() -> tuple[Recorded | None, Recorded | None]:
         recorder = Recorder(database_url, "w1", Metrics(), ResultStore(settings))
         earlier = asyncio.create_task(
-            recorder.record(claimed_job(job, analysis, 1), outcome("completed", result_json='"earlier"'))
+            recorder.record(claimed_job(job, analysis, 1), Outcome(JobStatus.COMPLETED, result_json='"earlier"'))
         )
         current = asyncio.create_task(
-            recorder.record(claimed_job(job, analysis, 2), outcome("completed", result_json='"current"'))
+            recorder.record(claimed_job(job, analysis, 2), Outcome(JobStatus.COMPLETED, result_json='"current"'))
         )
         await asyncio.sleep(0)  # both are queued before the writer starts: one batch
         writer = asyncio.create_task(recorder.run())
@@ -256,7 +255,9 @@ def test_an_earlier_attempt_recorded_in_the_same_batch_as_the_current_one_is_fen
             writer.cancel()
             await recorder.close()
 
-    assert asyncio.run(record_both()) == (None, "completed")
+    earlier, current = asyncio.run(record_both())
+    assert earlier is None
+    assert current is not None and current.status == "completed"
     assert db.execute("SELECT result FROM analysis_jobs WHERE id = %s", (job,)).fetchone() == ("current",)
 
 

@@ -26,6 +26,7 @@ from tests.messages import claimed_job
 from worker.config import Settings, load_settings
 from worker.maintenance.pruner import Pruner
 from worker.metrics import Metrics
+from worker.model import JobStatus, Outcome
 from worker.recorder import Recorder
 from worker.result_storage import (
     ResultInfo,
@@ -37,7 +38,6 @@ from worker.result_storage import (
     read_result,
     resolve_location,
 )
-from worker.runtimes.protocol import outcome
 from worker.runtimes.python import _Stdout
 
 ROWS = 110_000  # about 5.5 MB of JSON
@@ -399,15 +399,16 @@ def test_fenced_out_attempt_stores_nothing_and_a_later_attempt_replaces_the_stor
     folder, settings = filesystem_storage(database_url, tmp_path)
     analysis = create_analysis(db, script="export default function analyze() { return 1; }")
     job = submit(db, analysis, status="running", worker_id="w1", attempts=2)
-    big = outcome("completed", result_json=json.dumps("r" * 300_000))
+    big = Outcome(JobStatus.COMPLETED, result_json=json.dumps("r" * 300_000))
 
-    async def record(attempt: int, result: dict[str, Any]) -> str | None:
+    async def record(attempt: int, result: Outcome) -> str | None:
         store = ResultStore(settings)
         recorder = Recorder(database_url, "w1", Metrics(), store)
         writer = asyncio.create_task(recorder.run())
         try:
             prepared, stored = await store.prepare(job, attempt, result)
-            return await recorder.record(claimed_job(job, analysis, attempt), prepared, stored=stored)
+            recorded = await recorder.record(claimed_job(job, analysis, attempt), prepared, stored=stored)
+            return None if recorded is None else recorded.status
         finally:
             writer.cancel()
             await recorder.close()
@@ -422,7 +423,7 @@ def test_fenced_out_attempt_stores_nothing_and_a_later_attempt_replaces_the_stor
 
     # A later attempt (the job was re-run) replaces the result; the old file is queued for deletion.
     db.execute("UPDATE analysis_jobs SET status = 'running', attempts = 3 WHERE id = %s", (job,))
-    newer = outcome("completed", result_json=json.dumps("s" * 300_000))
+    newer = Outcome(JobStatus.COMPLETED, result_json=json.dumps("s" * 300_000))
     assert asyncio.run(record(3, newer)) == "completed"
     second = storage_row(db, job)
     assert second is not None and second["location"] != first["location"]
@@ -438,12 +439,12 @@ def test_over_cap_result_is_refused_by_the_worker_too() -> None:
     settings = load_settings({}, {"DATABASE_URL": "postgresql://u@h/d", "RESULT_MAX_BYTES": "2048"})
     prepared, stored = asyncio.run(
         ResultStore(settings).prepare(
-            "j", 1, outcome("completed", result_json=json.dumps("é" * 2000, ensure_ascii=False), stdout="hi")
+            "j", 1, Outcome(JobStatus.COMPLETED, result_json=json.dumps("é" * 2000, ensure_ascii=False), stdout="hi")
         )
     )
     assert stored is None
-    assert (prepared["status"], prepared["result_json"], prepared["stdout"]) == ("failed", None, "hi")
-    assert prepared["error_message"] == "result is 3.9 KiB, over the 2.0 KiB limit (RESULT_MAX_BYTES)"
+    assert (prepared.status, prepared.result_json, prepared.stdout) == ("failed", None, "hi")
+    assert prepared.error_message == "result is 3.9 KiB, over the 2.0 KiB limit (RESULT_MAX_BYTES)"
 
 
 def test_small_results_stay_inline_without_being_encoded() -> None:

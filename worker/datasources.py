@@ -27,6 +27,7 @@ import base64
 import datetime
 import decimal
 import json
+import math
 import re
 import time
 from collections.abc import Mapping
@@ -39,6 +40,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from worker.db import redact_database_url
+from worker.errors import one_line
 from worker.jobs import NESTED_TOO_DEEPLY
 from worker.metrics import Metrics
 from worker.runtimes.protocol import format_size
@@ -179,10 +181,10 @@ class Datasources:
             raise DependencyError(f"{label} exceeded its {timeout_ms} ms statement timeout") from None
         except psycopg.OperationalError as exc:
             if exc.sqlstate is None or exc.sqlstate.startswith(("08", "57P")):
-                raise DependencyError(f"{label}: datasource unreachable: {_first_line(exc)}", retryable=True) from None
-            raise DependencyError(f"{label} failed: {_first_line(exc)}") from None
+                raise DependencyError(f"{label}: datasource unreachable: {one_line(exc)}", retryable=True) from None
+            raise DependencyError(f"{label} failed: {one_line(exc)}") from None
         except psycopg.Error as exc:
-            raise DependencyError(f"{label} failed: {_first_line(exc)}") from None
+            raise DependencyError(f"{label} failed: {one_line(exc)}") from None
 
     async def _pool(self, dependency: Dependency) -> AsyncConnectionPool:
         name = dependency.datasource.lower()
@@ -286,9 +288,14 @@ async def _read_only_rows(
 
 
 def _bind(dependency: Dependency, parameters: Mapping[str, Any]) -> dict[str, Any]:
-    """The job parameters the query names, adapted for psycopg; DependencyError if one is missing."""
+    """The job parameters the query names, adapted for psycopg; DependencyError if one is missing.
+
+    psycopg reads every ``%`` of the query, string literals included: only
+    ``%(name)s`` and ``%%`` (a literal ``%``) may appear, so that no other use
+    of ``%`` is silently taken for a placeholder.
+    """
     bound: dict[str, Any] = {}
-    for name in _PLACEHOLDER.findall(dependency.query):
+    for name in placeholders(dependency):
         if name not in parameters:
             raise DependencyError(
                 f"dependency {dependency.name!r}: the query uses %({name})s but the job has no parameter {name!r}"
@@ -296,6 +303,40 @@ def _bind(dependency: Dependency, parameters: Mapping[str, Any]) -> dict[str, An
         value = parameters[name]
         bound[name] = Jsonb(value) if isinstance(value, dict) else value
     return bound
+
+
+def placeholders(dependency: Dependency) -> list[str]:
+    """The parameter names a dependency's query uses; DependencyError for any other ``%``."""
+    names: list[str] = []
+    query = dependency.query
+    position = query.find("%")
+    while position >= 0:
+        if query.startswith("%%", position):
+            position = query.find("%", position + 2)
+            continue
+        match = _PLACEHOLDER.match(query, position)
+        if match is None:
+            found = query[position : position + 12].split("\n")[0]
+            raise DependencyError(
+                f"dependency {dependency.name!r}: {found!r} at character {position + 1} of the query is not a "
+                "parameter: write %(name)s for a job parameter and %% for a literal %"
+            )
+        names.append(match.group(1))
+        position = query.find("%", match.end())
+    return names
+
+
+def unrepresentable_value(datasets: Mapping[str, list[dict[str, Any]]]) -> str:
+    """Say which dependency, column and row hold a number JSON cannot represent (NaN, Infinity)."""
+    for name, rows in datasets.items():
+        for number, row in enumerate(rows, start=1):
+            for column, value in row.items():
+                if isinstance(value, float) and not math.isfinite(value):
+                    return (
+                        f"dependency {name!r} returned {value} in column {column!r} (row {number}), which JSON "
+                        "cannot represent: turn it into NULL or text in the query (e.g. NULLIF(col, 'NaN'))"
+                    )
+    return "a dependency returned a value JSON cannot represent (NaN or Infinity)"
 
 
 def rows_to_json_value(value: Any) -> Any:
@@ -311,8 +352,3 @@ def rows_to_json_value(value: Any) -> Any:
     if isinstance(value, bytes | memoryview):
         return base64.b64encode(bytes(value)).decode("ascii")
     return str(value)  # uuid, inet, range, ...
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

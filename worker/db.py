@@ -9,10 +9,16 @@ logs get a copy without the password).
 from __future__ import annotations
 
 import re
+from typing import Any
 from urllib.parse import quote, urlencode
 
 import psycopg
+from psycopg.abc import AdaptContext
+from psycopg.adapt import AdaptersMap, Loader
 from psycopg.conninfo import conninfo_to_dict
+from psycopg.pq import Format
+
+from worker.errors import one_line
 
 CONNECT_TIMEOUT_SECONDS = 10
 
@@ -44,7 +50,7 @@ def validate_database_url(url: str | None) -> str:
         params = conninfo_to_dict(url)
     except psycopg.ProgrammingError as exc:
         # libpq quotes the offending token, which may be the password: never echo it.
-        reason = re.sub(r'"[^"]*"', "(hidden)", _first_line(exc))
+        reason = re.sub(r'"[^"]*"', "(hidden)", one_line(exc))
         raise InvalidDatabaseURL(f"invalid database URL: {reason}") from None
     port = str(params.get("port", ""))
     if port and not all(part.isdigit() for part in port.split(",")):
@@ -103,13 +109,8 @@ def connect(url: str, *, autocommit: bool = True, application_name: str = "analy
         )
     except psycopg.OperationalError as exc:
         raise DatabaseUnavailable(
-            f"cannot connect to the database at {redact_database_url(url)}: {_first_line(exc)}"
+            f"cannot connect to the database at {redact_database_url(url)}: {one_line(exc)}"
         ) from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0].strip() if text else type(exc).__name__
 
 
 class DedicatedConnection:
@@ -159,3 +160,42 @@ class DedicatedConnection:
     async def close(self) -> None:
         """Close for good."""
         await self.discard()
+
+
+def _tolerant_loader(type_name: str) -> type[Loader]:
+    """A text loader for ``type_name`` that gives PostgreSQL's own text for values Python cannot hold."""
+    oid = psycopg.adapters.types[type_name].oid
+    standard = psycopg.adapters.get_loader(oid, Format.TEXT)
+    assert standard is not None
+
+    class TolerantLoader(Loader):
+        format = Format.TEXT
+
+        def __init__(self, oid: int, context: AdaptContext | None = None) -> None:
+            super().__init__(oid, context)
+            self._load = standard(oid, context).load
+
+        def load(self, data: Any) -> Any:
+            try:
+                return self._load(data)
+            except psycopg.DataError:  # infinity, or a year outside 1..9999
+                return bytes(data).decode("utf-8", "replace")
+
+    TolerantLoader.__name__ = TolerantLoader.__qualname__ = f"Tolerant{standard.__name__}"
+    return TolerantLoader
+
+
+def tolerate_unloadable_dates(adapters: AdaptersMap) -> None:
+    """Load dates and timestamps that Python's datetime cannot hold as their text ('infinity', '12000-01-01 ...').
+
+    PostgreSQL stores +-infinity and years up to 294276; ``datetime`` stops at
+    9999 and psycopg raises for anything beyond, which would make a single
+    odd row fail every query that reads it. Applied to psycopg's global
+    adapters when this module is imported, so every connection of the
+    worker, the CLI and the HTTP API reads such a row instead of failing.
+    """
+    for type_name in ("timestamptz", "timestamp", "date"):
+        adapters.register_loader(type_name, _tolerant_loader(type_name))
+
+
+tolerate_unloadable_dates(psycopg.adapters)

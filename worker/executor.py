@@ -20,25 +20,31 @@ import contextlib
 import json
 import logging
 import time
-from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
-from psycopg.rows import class_row, dict_row
+from psycopg.rows import class_row
 from psycopg_pool import AsyncConnectionPool
 
 from worker.config import Settings
-from worker.datasources import Datasources, DependencyError, parse_dependencies, rows_to_json_value
+from worker.datasources import (
+    Datasources,
+    DependencyError,
+    parse_dependencies,
+    rows_to_json_value,
+    unrepresentable_value,
+)
 from worker.db import DedicatedConnection
+from worker.errors import one_line
 from worker.jobs import MAX_PARAMETER_DEPTH, NESTED_TOO_DEEPLY, PARAMETERS_TOO_DEEP, json_depth
 from worker.lifecycle import ClaimedJob, JobLifecycle, in_claim_order, mark_running_params
 from worker.listener import Wakeups
 from worker.metrics import Metrics
+from worker.model import Interruption, JobStatus, Outcome
 from worker.pool import PoolClosed, ProcessPool
 from worker.queries import JOBS_PENDING_CHANNEL, QUERIES
-from worker.recorder import Recorder
+from worker.recorder import Recorded, Recorder
 from worker.result_storage import ResultStore
-from worker.runtimes.protocol import outcome
 from worker.runtimes.python import ScriptNotAllowed, ScriptWhitelist
 
 log = logging.getLogger(__name__)
@@ -56,12 +62,6 @@ _SETTLE_FIRST_DELAY_SECONDS = 0.0005
 _SETTLE_MAX_DELAY_SECONDS = 0.02
 # A worker that claimed a full batch looks again this soon when few slots free up.
 _BACKLOG_RECHECK_SECONDS = 0.05
-
-# Why a job's execution was interrupted.
-CANCELLED = "cancelled"  # a user cancelled it: the row is already 'cancelled'
-LEASE_LOST = "lease lost"  # the row is no longer ours: another attempt owns it now
-SHUTDOWN = "shutdown"  # the grace period ran out: hand it back to 'pending'
-CLAIM_FAILED = "claim not committed"  # the claim's COMMIT failed: the row may not be ours
 
 # Pipeline mode (libpq 14 or later) lets a claim's jobs start before its commit is flushed.
 _PIPELINES = psycopg.AsyncPipeline.is_supported()
@@ -123,7 +123,7 @@ class Executor:
         # attempt while its old one is still being stopped.
         self._running: dict[tuple[str, int], tuple[ClaimedJob, asyncio.Task[None]]] = {}
         self._executing: dict[tuple[str, int], tuple[ClaimedJob, asyncio.Task[None]]] = {}
-        self._interrupted: dict[tuple[str, int], str] = {}
+        self._interrupted: dict[tuple[str, int], Interruption] = {}
         self._released: list[ClaimedJob] = []
         # Started while their claim's COMMIT is still on its way (see _claim_and_start).
         self._unconfirmed: set[tuple[str, int]] = set()
@@ -189,9 +189,10 @@ class Executor:
         except psycopg.Error as exc:
             await self._claim_conn.discard()
             self._wakeups.announce_idle = True  # the announcement may not have happened
-            self.database_ok = False
+            # Only a lost connection means the database is away; any other error is ours to report.
+            self.database_ok = not isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
             self._metrics.database_errors.labels("claim").inc()
-            log.warning("claim failed (%s); retrying in %.0fs", str(exc).strip().splitlines()[0], _CLAIM_RETRY_SECONDS)
+            log.warning("claim failed (%s); retrying in %.0fs", one_line(exc), _CLAIM_RETRY_SECONDS)
             self._wakeups.wake_at(_CLAIM_RETRY_SECONDS)
             return 0
         self.database_ok = True
@@ -261,7 +262,7 @@ class Executor:
             if not claim.settled:
                 claim.settle(committed=False)
                 for job in jobs:
-                    self.interrupt(job.id, CLAIM_FAILED, job.attempt)
+                    self.interrupt(job.id, Interruption.CLAIM_FAILED, job.attempt)
                 if jobs:
                     # Harmless if the claim rolled back (fenced by worker, attempt and claim).
                     task = asyncio.create_task(self._release(jobs), name="release-uncommitted-claim")
@@ -310,13 +311,16 @@ class Executor:
 
     async def _set_timer_for_next_due_job(self) -> None:
         conn = await self._claim_conn.get()
-        async with conn.cursor(row_factory=dict_row) as cur:
-            await cur.execute(QUERIES["next_run_at"], prepare=True)
-            row = await cur.fetchone()
-        if row and row["next_run_at"] is not None:
-            self._wakeups.wake_at((row["next_run_at"] - datetime.now(UTC)).total_seconds())
+        cur = await conn.execute(QUERIES["next_run_at"], prepare=True)
+        row = await cur.fetchone()
+        if row is not None and row[0] is not None:
+            self._wakeups.wake_at(row[0])
 
-    def interrupt(self, job_id: str, reason: str, attempt: int | None = None) -> bool:
+    def is_executing(self, job_id: str) -> bool:
+        """True while some attempt of the job runs its script here."""
+        return any(key[0] == job_id for key in self._executing)
+
+    def interrupt(self, job_id: str, reason: Interruption, attempt: int | None = None) -> bool:
         """Stop a job's execution (kills its process); False if it is not executing here.
 
         Without ``attempt``, every attempt of the job executing here is stopped.
@@ -339,7 +343,7 @@ class Executor:
         self._executing[key] = (job, task)
         try:
             try:
-                result = await self._execute(job, claim)
+                outcome = await self._execute(job, claim)
             except asyncio.CancelledError:
                 reason = self._interrupted.pop(key, None)
                 if reason is None:
@@ -355,17 +359,16 @@ class Executor:
                 # infrastructure failure) rather than leave the row 'running' until
                 # its lease runs out.
                 log.exception("Job %s: internal error in the worker", job.id, extra={"job_id": job.id})
-                message = f"internal error in the worker: {type(exc).__name__}: {exc}"
-                result = {**outcome("failed", error_message=message), "retryable": True}
+                outcome = Outcome.failure(f"internal error in the worker: {type(exc).__name__}: {exc}", retryable=True)
             self._executing.pop(key, None)
             if not await claim.wait():
-                self._lifecycle.interrupted(job, CLAIM_FAILED)
+                self._lifecycle.interrupted(job, Interruption.CLAIM_FAILED)
                 return
             # Past this point nothing interrupts the job: a large result's file,
             # once written, is either recorded or removed by the recorder.
-            result, large = await self._results.prepare(job.id, job.attempt, result)
-            stored = await self._recorder.record(job, result, retry=self._should_retry(job, result), stored=large)
-            self._lifecycle.finished(job, result, stored_status=stored, seconds=time.monotonic() - started)
+            outcome, large = await self._results.prepare(job.id, job.attempt, outcome)
+            recorded = await self._recorder.record(job, outcome, retry=self._should_retry(job, outcome), stored=large)
+            self._lifecycle.finished(job, recorded, seconds=time.monotonic() - started)
         finally:
             self._executing.pop(key, None)
             self._running.pop(key, None)
@@ -378,43 +381,46 @@ class Executor:
                     # again soon rather than only when a quarter of the slots are free.
                     self._wakeups.wake_at(_BACKLOG_RECHECK_SECONDS)
 
-    def _after_interruption(self, job: ClaimedJob, reason: str, seconds: float) -> None:
-        if reason == SHUTDOWN:
+    def _after_interruption(self, job: ClaimedJob, reason: Interruption, seconds: float) -> None:
+        if reason is Interruption.SHUTDOWN:
             self._released.append(job)
             self._lifecycle.interrupted(job, "released at shutdown")
-        elif reason == CANCELLED:
-            self._lifecycle.finished(
-                job, outcome("cancelled", error_message="cancelled"), stored_status="cancelled", seconds=seconds
-            )
+        elif reason is Interruption.CANCELLED:
+            self._lifecycle.finished(job, Recorded(JobStatus.CANCELLED, _CANCELLED), seconds=seconds)
         else:
             self._lifecycle.interrupted(job, reason)
 
-    def _should_retry(self, job: ClaimedJob, result: dict[str, Any]) -> bool:
-        if result.get("retryable"):
+    def _should_retry(self, job: ClaimedJob, outcome: Outcome) -> bool:
+        if outcome.retryable:
             return True
-        return job.retry_script_errors and result["status"] in ("failed", "timeout")
+        return job.retry_script_errors and outcome.status in (JobStatus.FAILED, JobStatus.TIMEOUT)
 
-    async def _execute(self, job: ClaimedJob, claim: _Claim) -> dict[str, Any]:
+    async def _execute(self, job: ClaimedJob, claim: _Claim) -> Outcome:
+        if job.no_attempts_left:
+            return Outcome.failure(
+                f"no attempts left: this would have been attempt {job.attempt} of {job.max_attempts} (max_attempts)"
+            )
         if not job.is_active:
-            return outcome("failed", error_message=f"analysis {job.analysis_id} is inactive (is_active = false)")
+            return Outcome.failure(f"analysis {job.analysis_id} is inactive (is_active = false)")
         script_path = None
         if job.runtime == "python":
             try:
                 script_path = str(self._whitelist.resolve(job.script_name))
             except ScriptNotAllowed as exc:
-                return outcome("failed", error_message=str(exc))
+                return Outcome.failure(str(exc))
         elif job.runtime != "javascript":
-            return outcome("failed", error_message=f"unknown runtime {job.runtime!r}")
+            return Outcome.failure(f"unknown runtime {job.runtime!r}")
         try:
             datasets = await self._fetch_datasets(job)
             message = self._job_message(job, datasets)
         except DependencyError as exc:
-            return {**outcome("failed", error_message=str(exc)), "retryable": exc.retryable}
+            return Outcome.failure(str(exc), retryable=exc.retryable)
         if script_path is not None:
             message["script_path"] = script_path
             if not await claim.wait():  # dropped by _run_job: the job is not ours
-                return outcome("failed", error_message=CLAIM_FAILED)
-        return await self._pool.run(message)
+                return Outcome.failure(Interruption.CLAIM_FAILED)
+        reply = await self._pool.run(message)
+        return Outcome.from_message(reply, output_max_chars=self._settings.output_max_bytes)
 
     async def _fetch_datasets(self, job: ClaimedJob) -> dict[str, Any] | None:
         """Rows of the analysis's declared dependencies, or None when it declares none."""
@@ -452,7 +458,7 @@ class Executor:
             "runtime": job.runtime,
             "source": job.script_content or "",
             "parameters_json": job.parameters_json,
-            "context_json": _datasets_json(context),
+            "context_json": _datasets_json(context, datasets or {}),
             "timeout_ms": job.timeout_ms or settings.default_timeout_ms,
             "memory_limit_mb": job.memory_limit_mb or settings.default_memory_limit_mb,
             "stack_limit_kb": settings.js_stack_limit_kb,
@@ -461,7 +467,7 @@ class Executor:
             "python": settings.python_executable,
         }
         if datasets is not None and job.runtime == "python":
-            message["stdin_json"] = _datasets_json({**json.loads(job.parameters_json), "datasets": datasets})
+            message["stdin_json"] = _datasets_json({**json.loads(job.parameters_json), "datasets": datasets}, datasets)
         return message
 
     async def drain(self, grace_seconds: float) -> None:
@@ -481,7 +487,7 @@ class Executor:
             log.info("waiting up to %.0fs for %d running job(s) to finish", remaining, len(self._running))
             await asyncio.wait([task for _, task in self._running.values()], timeout=remaining)
         for job_id, attempt in list(self._executing):
-            self.interrupt(job_id, SHUTDOWN, attempt)
+            self.interrupt(job_id, Interruption.SHUTDOWN, attempt)
         if self._running:
             # Outcomes already produced still get written, briefly; anything
             # left unwritten is rescued by the lease once we are gone.
@@ -534,14 +540,17 @@ class Executor:
         await self._claim_conn.close()
 
 
-def _datasets_json(value: dict[str, Any]) -> str:
+def _datasets_json(value: dict[str, Any], datasets: dict[str, list[dict[str, Any]]]) -> str:
     """JSON for the script, with database types (numeric, timestamps, bytea, ...) converted."""
     try:
         return json.dumps(value, default=rows_to_json_value, allow_nan=False)
-    except ValueError as exc:  # NaN or Infinity in a float column: JSON has no such numbers
-        raise DependencyError(f"a dependency returned a value JSON cannot represent ({exc})") from None
+    except ValueError:  # NaN or Infinity in a float column: JSON has no such numbers
+        raise DependencyError(unrepresentable_value(datasets)) from None
     except RecursionError:
         raise DependencyError(f"a dependency returned a JSON value {NESTED_TOO_DEEPLY}") from None
+
+
+_CANCELLED = Outcome(JobStatus.CANCELLED, error_message="cancelled")
 
 
 def _log_unexpected_error(task: asyncio.Task[None]) -> None:

@@ -7,11 +7,16 @@ says what happened, once, and neither concern clutters it.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from worker.metrics import Metrics
+from worker.model import JobStatus
+
+if TYPE_CHECKING:
+    from worker.recorder import Recorded
 
 log = logging.getLogger("worker.jobs")
 
@@ -26,8 +31,9 @@ class ClaimedJob:
     parameters_json: str
     attempt: int
     max_attempts: int
-    created_at: datetime
-    run_at: datetime
+    no_attempts_left: bool
+    created_at_epoch: float  # seconds since 1970, +-inf for a timestamp at infinity
+    run_at_epoch: float
     started_at: datetime
     analysis_version: int
     is_active: bool
@@ -41,8 +47,9 @@ class ClaimedJob:
 
     @property
     def queue_wait_seconds(self) -> float:
-        """started_at - max(created_at, run_at), never negative."""
-        return max(0.0, (self.started_at - max(self.created_at, self.run_at)).total_seconds())
+        """started_at - max(created_at, run_at): never negative, 0 when a timestamp is at infinity."""
+        wait = self.started_at.timestamp() - max(self.created_at_epoch, self.run_at_epoch)
+        return wait if 0.0 < wait < math.inf else 0.0
 
 
 def mark_running_params(jobs: list[ClaimedJob], worker_id: str) -> dict[str, Any]:
@@ -59,7 +66,7 @@ def in_claim_order(jobs: list[ClaimedJob]) -> list[ClaimedJob]:
 
     Its rows are read straight into ``ClaimedJob`` (``class_row``): the columns are named after the fields.
     """
-    jobs.sort(key=lambda job: (-job.priority, job.run_at, job.created_at))
+    jobs.sort(key=lambda job: (-job.priority, job.run_at_epoch, job.created_at_epoch))
     return jobs
 
 
@@ -91,11 +98,11 @@ class JobLifecycle:
             self._child(self._metrics.jobs_claimed, job.runtime).inc()
             self._child(self._metrics.queue_wait, job.runtime).observe(job.queue_wait_seconds)
 
-    def finished(self, job: ClaimedJob, outcome: dict[str, Any], *, stored_status: str | None, seconds: float) -> None:
-        """A job's attempt ended: ``stored_status`` is what the row now says (None: fenced off)."""
+    def finished(self, job: ClaimedJob, recorded: Recorded | None, *, seconds: float) -> None:
+        """A job's attempt ended: ``recorded`` is what its row now says (None: fenced off, nothing written)."""
         self._metrics.jobs_in_flight.dec()
-        context = {"job_id": job.id, "analysis_id": job.analysis_id, "attempt": job.attempt}
-        if stored_status is None:
+        context: dict[str, Any] = {"job_id": job.id, "analysis_id": job.analysis_id, "attempt": job.attempt}
+        if recorded is None:
             log.warning(
                 "Job %s: outcome discarded: the job is no longer held by this worker (attempt %d)",
                 job.id,
@@ -104,13 +111,16 @@ class JobLifecycle:
             )
             return
         self.jobs_processed += 1
-        self._child(self._metrics.jobs_finished, stored_status, job.runtime).inc()
+        status = recorded.status
+        self._child(self._metrics.jobs_finished, status, job.runtime).inc()
         self._child(self._metrics.job_duration, job.runtime).observe(seconds)
-        context.update(status=stored_status, runtime=job.runtime, duration_ms=round(seconds * 1000, 3))
-        error = (outcome.get("error_message") or outcome["status"]).splitlines()[0]
-        if stored_status == "completed":
+        context.update(status=status.value, runtime=job.runtime, duration_ms=round(seconds * 1000, 3))
+        error = (recorded.outcome.error_message or recorded.outcome.status).splitlines()[0]
+        if status is JobStatus.COMPLETED:
             log.info("Job %s completed successfully", job.id, extra=context)
-        elif stored_status == "pending":
+        elif status is JobStatus.CANCELLED:
+            log.info("Job %s cancelled", job.id, extra=context)
+        elif status is JobStatus.PENDING:
             log.info(
                 "Job %s failed: %s (will retry: attempt %d of %d)",
                 job.id,
@@ -120,7 +130,8 @@ class JobLifecycle:
                 extra=context,
             )
         else:
-            log.info("Job %s failed: %s", job.id, error, extra=context)
+            ended = "timed out" if status is JobStatus.TIMEOUT else "failed"
+            log.info("Job %s %s: %s", job.id, ended, error, extra=context)
 
     def interrupted(self, job: ClaimedJob, reason: str) -> None:
         """A job's execution was stopped and nothing was recorded for it by us."""

@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import psycopg
 
+from worker.errors import one_line
 from worker.metrics import Metrics
 from worker.queries import JOBS_CANCEL_CHANNEL, JOBS_PENDING_CHANNEL
 
@@ -28,6 +29,8 @@ log = logging.getLogger(__name__)
 
 _KEEPALIVE_SECONDS = 10.0
 _MAX_BACKOFF_SECONDS = 5.0
+# A job due in years is looked at again tomorrow (the poll would anyway).
+_LONGEST_TIMER_SECONDS = 86_400.0
 
 
 class Wakeups:
@@ -64,9 +67,9 @@ class Wakeups:
         self._event.clear()
 
     def wake_at(self, delay_seconds: float) -> None:
-        """Wake once ``delay_seconds`` from now, unless an earlier timer is set."""
+        """Wake once ``delay_seconds`` from now (at most a day), unless an earlier timer is set."""
         loop = asyncio.get_running_loop()
-        due = loop.time() + max(0.0, delay_seconds)
+        due = loop.time() + min(max(0.0, delay_seconds), _LONGEST_TIMER_SECONDS)
         if self._timer is not None and self._timer_due is not None and self._timer_due <= due:
             return
         if self._timer is not None:
@@ -106,7 +109,7 @@ class JobListener:
                 self._set_connected(False)
                 self._metrics.database_errors.labels("listen").inc()
                 delay = backoff * (1 + random.random())
-                log.warning("job listener lost its connection (%s); reconnecting in %.1fs", _one_line(exc), delay)
+                log.warning("job listener lost its connection (%s); reconnecting in %.1fs", one_line(exc), delay)
                 await asyncio.sleep(delay)
                 backoff = min(backoff * 2, _MAX_BACKOFF_SECONDS)
             else:
@@ -136,8 +139,3 @@ class JobListener:
         self.connected = connected
         self.connected_since = time.monotonic() if connected else None
         self._metrics.listener_connected.set(1 if connected else 0)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

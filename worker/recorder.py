@@ -4,7 +4,8 @@ Outcomes queue up while a write is in flight and go out together in one
 statement (``sql/record_outcomes.sql``). Every write is fenced by the attempt this worker
 claimed (see ``sql/record_outcomes.sql``). When the database is away the batch
 is retried with backoff until it is back; a row the database refuses (bad
-data) is written alone, as a failure that says why.
+data) is written alone, as a failure that says why, and an outcome that
+cannot even be turned into parameters fails its own job, never the batch.
 
 A batch with large results (see ``worker.result_storage``) also stores them,
 in the same transaction (``sql/store_results.sql``); a batch without any
@@ -14,6 +15,7 @@ costs nothing more than the one statement.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import re
@@ -23,8 +25,10 @@ from typing import Any
 import psycopg
 
 from worker.db import DedicatedConnection
+from worker.errors import one_line
 from worker.lifecycle import ClaimedJob
 from worker.metrics import Metrics
+from worker.model import JobStatus, Outcome
 from worker.queries import QUERIES
 from worker.result_storage import CONTENT_TYPE, ResultStore, StoredResult
 
@@ -36,12 +40,24 @@ _JSON_NUL = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
 
 
 @dataclass(frozen=True, slots=True)
+class Recorded:
+    """What the job's row says now: its status (``pending`` when retried) and the outcome written."""
+
+    status: JobStatus
+    outcome: Outcome
+
+
+@dataclass(frozen=True, slots=True)
 class _Pending:
     job: ClaimedJob
-    outcome: dict[str, Any]
+    outcome: Outcome
     retry: bool
-    done: asyncio.Future[str | None]
+    done: asyncio.Future[Recorded | None]
     stored: StoredResult | None = None  # the large result, prepared outside the row
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.job.id, self.job.attempt)
 
 
 class Recorder:
@@ -56,16 +72,19 @@ class Recorder:
         self.database_ok = True
 
     async def record(
-        self, job: ClaimedJob, outcome: dict[str, Any], *, retry: bool = False, stored: StoredResult | None = None
-    ) -> str | None:
-        """Write the outcome; return the status now stored, or None if the job is no longer ours.
+        self, job: ClaimedJob, outcome: Outcome, *, retry: bool = False, stored: StoredResult | None = None
+    ) -> Recorded | None:
+        """Write the outcome; return what the row now says, or None if the job is no longer ours.
+
+        The outcome written may differ from the one given: a row the
+        database refuses is written as a failure that says why.
 
         With ``retry``, a job with attempts left goes back to 'pending' after a backoff.
         ``stored`` is the large result whose stub is the outcome's result
         (``ResultStore.prepare``); it is stored with the row, or its file is
         removed if the row is not written.
         """
-        done: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        done: asyncio.Future[Recorded | None] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Pending(job, outcome, retry, done, stored))
         return await done
 
@@ -80,19 +99,20 @@ class Recorder:
             while not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             try:
-                stored = await self._write_with_retry(batch)
+                written = await self._write_with_retry(batch)
             except Exception:
                 # Unwritten rows stay 'running' and their leases expire: they are
                 # rescued and run again, never lost.
                 log.exception("could not record %d job outcome(s); their jobs will be rescued", len(batch))
-                stored = {}
+                written = {}
             for item in batch:
+                recorded = written.get(item.key)
                 if item.stored is not None:
-                    await self._settle_stored_result(item.stored, stored.get((item.job.id, item.job.attempt)))
+                    await self._settle_stored_result(item.stored, recorded.status if recorded else None)
                 if not item.done.done():
-                    item.done.set_result(stored.get((item.job.id, item.job.attempt)))
+                    item.done.set_result(recorded)
 
-    async def _settle_stored_result(self, result: StoredResult, status: str | None) -> None:
+    async def _settle_stored_result(self, result: StoredResult, status: JobStatus | None) -> None:
         """Count a large result that was stored with its row; remove the file of one that was not.
 
         A write retried after a lost acknowledgement reports nothing for rows its
@@ -113,11 +133,12 @@ class Recorder:
                 if await cur.fetchone() is not None:
                     return
             except psycopg.Error as exc:
-                log.warning("Job %s: keeping result file %s (%s)", result.job_id, result.location, _one_line(exc))
+                log.warning("Job %s: keeping result file %s (%s)", result.job_id, result.location, one_line(exc))
                 return
         self._results.discard(result)
 
-    async def _write_with_retry(self, batch: list[_Pending]) -> dict[tuple[str, int], str]:
+    async def _write_with_retry(self, batch: list[_Pending]) -> dict[tuple[str, int], Recorded]:
+        batch = [_storable(item) for item in batch]
         backoff = 0.1
         while True:
             try:
@@ -133,49 +154,42 @@ class Recorder:
                 self.database_ok = False
                 self._metrics.database_errors.labels("record").inc()
                 delay = backoff * (1 + random.random())
-                log.warning("could not record %d job(s) (%s); retrying in %.1fs", len(batch), _one_line(exc), delay)
+                log.warning("could not record %d job(s) (%s); retrying in %.1fs", len(batch), one_line(exc), delay)
                 await asyncio.sleep(delay)
                 backoff = min(backoff * 2, _MAX_BACKOFF_SECONDS)
                 continue
             self.database_ok = True
             return written
 
-    async def _write(self, batch: list[_Pending]) -> dict[tuple[str, int], str]:
+    async def _write(self, batch: list[_Pending]) -> dict[tuple[str, int], Recorded]:
         conn = await self._conn.get()
         large = [item.stored for item in batch if item.stored is not None]
         if not large:
             cur = await conn.execute(QUERIES["record_outcomes"], self._params(batch), prepare=True)
-            return {(str(job_id), attempt): status for job_id, attempt, status in await cur.fetchall()}
+            return _recorded(batch, await cur.fetchall())
         # One transaction: a job row never points at a result that is not there.
         # store_results.sql stores exactly the results of the rows this update
         # completed, so a row's status says whether its result was stored.
         async with conn.transaction():
             cur = await conn.execute(QUERIES["record_outcomes"], self._params(batch), prepare=True)
-            written = {(str(job_id), attempt): status for job_id, attempt, status in await cur.fetchall()}
+            written = _recorded(batch, await cur.fetchall())
             await conn.execute(QUERIES["store_results"], self._storage_params(large))
         return written
 
-    async def _write_one_by_one(self, batch: list[_Pending]) -> dict[tuple[str, int], str]:
-        stored: dict[tuple[str, int], str] = {}
+    async def _write_one_by_one(self, batch: list[_Pending]) -> dict[tuple[str, int], Recorded]:
+        stored: dict[tuple[str, int], Recorded] = {}
         for item in batch:
             try:
                 stored |= await self._write_with_retry_single(item)
             except psycopg.Error as exc:
-                replacement = {
-                    **item.outcome,
-                    "status": "failed",
-                    "result_json": None,
-                    "error_message": f"the database refused the job's outcome: {_one_line(exc)}",
-                    "stdout": (item.outcome.get("stdout") or "")[:4096],
-                    "stderr": (item.outcome.get("stderr") or "")[:4096],
-                }
+                replacement = _refused(item, f"the database refused the job's outcome: {one_line(exc)}")
                 try:
-                    stored |= await self._write_with_retry_single(_Pending(item.job, replacement, False, item.done))
+                    stored |= await self._write_with_retry_single(replacement)
                 except psycopg.Error as again:
                     log.error("Job %s: could not record its outcome (%s); it will be rescued", item.job.id, again)
         return stored
 
-    async def _write_with_retry_single(self, item: _Pending) -> dict[tuple[str, int], str]:
+    async def _write_with_retry_single(self, item: _Pending) -> dict[tuple[str, int], Recorded]:
         """Write one outcome, retrying transient errors; raises the others."""
         backoff = 0.1
         while True:
@@ -207,16 +221,15 @@ class Recorder:
         }
         for item in batch:
             outcome = item.outcome
-            result = outcome.get("result_json")
             columns["ids"].append(item.job.id)
             columns["attempts"].append(item.job.attempt)
-            columns["statuses"].append(outcome["status"])
+            columns["statuses"].append(outcome.status.value)
             columns["retry"].append(item.retry)
-            columns["results"].append(_storable_json(result))
-            columns["errors"].append(_text(outcome.get("error_message")))
-            columns["stdouts"].append(_text(outcome.get("stdout")))
-            columns["stderrs"].append(_text(outcome.get("stderr")))
-            columns["exit_codes"].append(outcome.get("exit_code"))
+            columns["results"].append(outcome.result_json)
+            columns["errors"].append(outcome.error_message)
+            columns["stdouts"].append(outcome.stdout)
+            columns["stderrs"].append(outcome.stderr)
+            columns["exit_codes"].append(outcome.exit_code)
         return {**columns, "worker_id": self._worker_id}
 
     def _storage_params(self, results: list[StoredResult]) -> dict[str, Any]:
@@ -242,6 +255,45 @@ def is_transient(exc: psycopg.Error) -> bool:
     return state.startswith(("08", "40", "53", "57P")) or state == "55P03"
 
 
+def _recorded(batch: list[_Pending], rows: list[tuple[Any, int, str]]) -> dict[tuple[str, int], Recorded]:
+    """The written rows (id, attempts, status) as Recorded, keyed by (job id, attempt)."""
+    outcomes = {item.key: item.outcome for item in batch}
+    written = {}
+    for job_id, attempt, status in rows:
+        key = (str(job_id), attempt)
+        written[key] = Recorded(JobStatus(status), outcomes[key])
+    return written
+
+
+def _storable(item: _Pending) -> _Pending:
+    """The item with text PostgreSQL can store (no NUL, no lone surrogate), or a failure if even that fails."""
+    outcome = item.outcome
+    try:
+        storable = dataclasses.replace(
+            outcome,
+            result_json=_storable_json(outcome.result_json),
+            error_message=_text(outcome.error_message),
+            stdout=_text(outcome.stdout) or "",
+            stderr=_text(outcome.stderr) or "",
+        )
+    except Exception as exc:  # nothing about one outcome may cost the rest of the batch
+        return _refused(item, f"the job's outcome could not be recorded: {type(exc).__name__}: {exc}")
+    return dataclasses.replace(item, outcome=storable)
+
+
+def _refused(item: _Pending, message: str) -> _Pending:
+    """The item as a plain failure saying why its outcome was not written (output kept, shortened)."""
+    outcome = item.outcome
+    replacement = Outcome(
+        JobStatus.FAILED,
+        error_message=message,
+        stdout=_text(outcome.stdout[:4096] if isinstance(outcome.stdout, str) else "") or "",
+        stderr=_text(outcome.stderr[:4096] if isinstance(outcome.stderr, str) else "") or "",
+        exit_code=outcome.exit_code if isinstance(outcome.exit_code, int) else None,
+    )
+    return _Pending(item.job, replacement, False, item.done)
+
+
 def _text(value: str | None) -> str | None:
     """Make a string storable: no NUL, no lone surrogates (both become U+FFFD)."""
     if value is None:
@@ -257,8 +309,3 @@ def _storable_json(text: str | None) -> str | None:
         return None
     text = _text(text) or ""
     return _JSON_NUL.sub(r"\1\\ufffd", text) if "\\u0000" in text else text
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -38,6 +38,7 @@ from psycopg import errors
 from psycopg.rows import dict_row
 
 from worker.config import Settings
+from worker.model import Outcome
 from worker.queries import QUERIES
 from worker.runtimes.protocol import format_size, result_too_large
 
@@ -165,9 +166,7 @@ class ResultStore:
             return True
         return len(result_json) <= self._inline_max and len(encode_result(result_json)) <= self._inline_max
 
-    async def prepare(
-        self, job_id: str, attempt: int, outcome: dict[str, Any]
-    ) -> tuple[dict[str, Any], StoredResult | None]:
+    async def prepare(self, job_id: str, attempt: int, outcome: Outcome) -> tuple[Outcome, StoredResult | None]:
         """Apply the hard cap, and compress (and, for files, write) a large result.
 
         Returns the outcome to record (its ``result_json`` replaced by the stub
@@ -175,20 +174,20 @@ class ResultStore:
         over the cap or could not be stored) and the stored result, if any.
         Never raises for a storage fault: the job fails, retryably.
         """
-        result_json = outcome.get("result_json")
+        result_json = outcome.result_json
         if result_json is None or self.fits_inline(result_json):
             return outcome, None
         data = encode_result(result_json)
         if len(data) > self._max:
-            return _failed(outcome, result_too_large(len(data), self._max)), None
+            return outcome.failed(result_too_large(len(data), self._max)), None
         if len(data) <= self._inline_max:
             return outcome, None
         try:
             stored = await asyncio.to_thread(self._compress_and_place, job_id, attempt, data)
         except OSError as exc:
             message = f"the result ({format_size(len(data))}) could not be stored: {exc.strerror or exc}"
-            return {**_failed(outcome, message), "retryable": True}, None  # not the script's fault
-        return {**outcome, "result_json": json.dumps(stored.stub(), separators=(",", ":"))}, stored
+            return outcome.failed(message, retryable=True), None  # not the script's fault
+        return outcome.with_result(json.dumps(stored.stub(), separators=(",", ":"))), stored
 
     def _compress_and_place(self, job_id: str, attempt: int, data: bytes) -> StoredResult:
         """Compress and hash (in a thread: both release the GIL); write the file for the filesystem backend."""
@@ -235,11 +234,6 @@ class ResultStore:
             except OSError as exc:
                 failed[location] = f"{type(exc).__name__}: {exc.strerror or exc}"
         return failed
-
-
-def _failed(outcome: dict[str, Any], message: str) -> dict[str, Any]:
-    """The outcome turned into a failure with ``message`` and no result."""
-    return {**outcome, "status": "failed", "result_json": None, "error_message": message}
 
 
 def _write_file_atomically(path: Path, data: bytes) -> None:

@@ -26,10 +26,11 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from worker import __version__
 from worker.allocator import AllocatorUnavailable, child_preload
+from worker.cancellation import Cancellations
 from worker.config import Settings
 from worker.datasources import Datasources
 from worker.db import CONNECT_TIMEOUT_SECONDS, redact_database_url
-from worker.executor import CANCELLED, Executor
+from worker.executor import Executor
 from worker.http import build_app, start_http
 from worker.lifecycle import JobLifecycle
 from worker.listener import JobListener, Wakeups
@@ -129,6 +130,7 @@ class Worker:
         tasks: list[asyncio.Task[Any]] = []
         runner = None
         heartbeat = None
+        cancellations = None
         try:
             await self._check_schema(db_pool)
             try:
@@ -163,7 +165,8 @@ class Worker:
                 self.lifecycle,
                 self.metrics,
             )
-            self.listener.on_cancel = lambda job_id: executor.interrupt(job_id, CANCELLED)
+            cancellations = Cancellations(db_pool, executor)
+            self.listener.on_cancel = cancellations.hint
             app = build_app(
                 self, self.metrics, settings=settings, db_pool=db_pool, before_scrape=self._refresh_in_flight
             )
@@ -220,6 +223,8 @@ class Worker:
             if heartbeat is not None:
                 with contextlib.suppress(psycopg.Error, PoolTimeout):
                     await heartbeat.deregister()
+            if cancellations is not None:
+                await cancellations.close()
             if self._pool is not None:
                 await self._pool.close()
             if self._executor is not None:

@@ -20,8 +20,9 @@ from psycopg_pool import AsyncConnectionPool
 
 from worker import __version__
 from worker.config import Settings
-from worker.executor import CANCELLED, LEASE_LOST, Executor
+from worker.executor import Executor
 from worker.lifecycle import JobLifecycle
+from worker.model import Interruption
 from worker.queries import QUERIES
 
 log = logging.getLogger(__name__)
@@ -90,13 +91,8 @@ class Heartbeat:
             lost = [job for job in jobs if (job.id, job.attempt) not in renewed]
             if not lost:
                 return
-            lost_ids = [job.id for job in lost]
-            cur = await conn.execute(
-                "SELECT id, status, worker_id, attempts, EXTRACT(EPOCH FROM now() - heartbeat_at)::float8"
-                " FROM analysis_jobs WHERE id = ANY(%s::uuid[])",
-                (lost_ids,),
-            )
-            rows = {str(row[0]): row[1:] for row in await cur.fetchall()}
+            cur = await conn.execute(QUERIES["job_owners"], {"ids": [job.id for job in lost]})
+            rows = {row[0]: row[1:] for row in await cur.fetchall()}
         lease = self._settings.job_lease_seconds
         for job in lost:
             job_id = job.id
@@ -113,7 +109,10 @@ class Heartbeat:
                         extra={"job_id": job_id},
                     )
                 continue
-            reason = CANCELLED if status == "cancelled" else (LEASE_LOST if status else "job row deleted")
+            if status == "cancelled":
+                reason = Interruption.CANCELLED
+            else:
+                reason = Interruption.LEASE_LOST if status else Interruption.ROW_DELETED
             # Only the attempt that lost its lease: a newer one of the same job may run here too.
             if self._executor.interrupt(job_id, reason, job.attempt):
                 log.warning("Job %s is no longer held by this worker (%s); its process was stopped", job_id, reason)

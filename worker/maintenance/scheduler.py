@@ -129,12 +129,25 @@ async def run_scheduler_pass(
 
 
 def _plan(row: dict[str, Any], now: datetime, grace: timedelta) -> _Plan:
+    """What to do with one due schedule; a schedule that cannot be evaluated is paused, alone."""
+    try:
+        return _plan_ticks(row, now, grace)
+    except Exception as exc:  # one odd row must not stop every schedule's pass
+        log.exception("Schedule %s could not be evaluated", row["id"], extra={"schedule_id": str(row["id"])})
+        error = f"could not be evaluated ({type(exc).__name__}: {exc}); schedule paused"
+        return _Plan(str(row["id"]), [], None, is_active=False, error=error, skip=INVALID_SCHEDULE)
+
+
+def _plan_ticks(row: dict[str, Any], now: datetime, grace: timedelta) -> _Plan:
     schedule_id = str(row["id"])
     expression, zone = row["cron_expression"], row["timezone"]
+    # A timestamp Python cannot hold arrives as text (worker.db): treat it as not computed.
+    next_run_at = row["next_run_at"] if isinstance(row["next_run_at"], datetime) else None
+    armed_at = row["armed_at"] if isinstance(row["armed_at"], datetime) else now
     try:
         # Not computed yet: the first tick after the schedule was armed, which
         # may already be due (a worker saw the new schedule late).
-        due = row["next_run_at"] or next(ticks_after(expression, zone, row["armed_at"]))
+        due = next_run_at or next(ticks_after(expression, zone, armed_at))
         if due > now:
             return _Plan(schedule_id, [], due)
         if not row["analysis_is_active"]:

@@ -6,7 +6,9 @@
 -- subquery is planned on its own, so the statement has one good generic plan
 -- (the claim connection runs with plan_cache_mode = force_generic_plan); rows
 -- come back in no particular order, with what the worker needs to restore
--- claim order. Part 2, mark_jobs_running.sql, marks them running in
+-- claim order. Timestamps the worker only compares come as epoch seconds
+-- (float8, which holds +-Infinity): no value in a row can make the claim fail
+-- to load it. Part 2, mark_jobs_running.sql, marks them running in
 -- the same transaction: the worker can start a JavaScript job as soon as these
 -- rows arrive, without waiting for that UPDATE (nor for the commit).
 SELECT
@@ -14,10 +16,11 @@ SELECT
     job.priority,
     job.analysis_id::text AS analysis_id,
     job.parameters::text AS parameters_json,
-    job.attempts + 1 AS attempt,
+    LEAST(job.attempts, 2147483646) + 1 AS attempt,  -- a row at the integer limit still claims (and fails)
     job.max_attempts,
-    job.created_at,
-    job.run_at,
+    job.attempts >= job.max_attempts AS no_attempts_left,  -- a hand-written row may say so: it must not run
+    EXTRACT(EPOCH FROM job.created_at)::float8 AS created_at_epoch,
+    EXTRACT(EPOCH FROM job.run_at)::float8 AS run_at_epoch,
     now() AS started_at,
     analysis.version AS analysis_version,
     analysis.is_active,

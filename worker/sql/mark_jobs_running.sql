@@ -7,7 +7,7 @@ SET status = 'running',
     started_at = now(),
     heartbeat_at = now(),
     worker_id = %(worker_id)s,
-    attempts = job.attempts + 1,
+    attempts = LEAST(job.attempts, 2147483646) + 1,  -- as claim_jobs.sql counts it
     analysis_version = claimed.analysis_version
 FROM unnest(%(ids)b::uuid[], %(analysis_versions)b::int[]) AS claimed (id, analysis_version)
 WHERE job.id = claimed.id
