@@ -202,6 +202,7 @@ def mallory(db: psycopg.Connection, database_url: str) -> Iterator[str]:
     db.execute(f"DROP ROLE {name}")
 
 
+@pytest.mark.faults
 def test_a_forged_cancel_notification_stops_nothing(
     db: psycopg.Connection, mallory: str, start_worker: Callable[..., WorkerProcess]
 ) -> None:
