@@ -247,6 +247,27 @@ def test_metrics_expose_the_documented_families(
         assert name in text, name
 
 
+def test_metrics_show_the_worker_and_each_pool_child_and_how_fresh_the_queue_gauges_are(
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    worker = start_worker("--concurrency", "3", "--pool-processes", "3")
+    deadline = time.monotonic() + 10
+    while "analysis_executor_queue_stats_last_refresh_timestamp_seconds 0.0" in worker.get("/metrics")[1]:
+        assert time.monotonic() < deadline, "the queue gauges were never refreshed"
+        time.sleep(0.1)
+    samples = {}
+    for line in worker.get("/metrics")[1].splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    assert samples["process_resident_memory_bytes"] > 10 * 2**20
+    assert "process_cpu_seconds_total" in samples and "process_start_time_seconds" in samples
+    slots = [f'{{slot="{n}"}}' for n in range(3)]
+    assert all(samples[f"analysis_executor_pool_child_resident_memory_bytes{s}"] > 2**20 for s in slots)
+    assert all(f"analysis_executor_pool_child_cpu_seconds_total{s}" in samples for s in slots)
+    assert abs(time.time() - samples["analysis_executor_queue_stats_last_refresh_timestamp_seconds"]) < 60
+
+
 def test_readiness_and_liveness_endpoints(start_worker: Callable[..., WorkerProcess]) -> None:
     worker = start_worker()
     assert worker.get("/health/live")[0] == 200

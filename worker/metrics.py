@@ -7,7 +7,19 @@ interval by ``refresh_queue_stats`` with index-only queries.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics
+from collections.abc import Callable
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    ProcessCollector,
+    disable_created_metrics,
+)
+
+from .process_metrics import PoolChildrenCollector
 
 PREFIX = "analysis_executor"
 
@@ -26,6 +38,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        ProcessCollector(registry=r)  # process_*: the worker's own CPU, memory, start time, open fds
         self.build_info = Info(f"{PREFIX}_build", "Version of the running worker.", registry=r)
         self.jobs_claimed = Counter(f"{PREFIX}_jobs_claimed", "Jobs claimed by this worker.", ["runtime"], registry=r)
         self.jobs_finished = Counter(
@@ -68,6 +81,12 @@ class Metrics:
         self.oldest_pending_age = Gauge(
             f"{PREFIX}_oldest_pending_job_age_seconds",
             "Age of the oldest due pending job (0 when none).",
+            registry=r,
+        )
+        self.queue_stats_refreshed = Gauge(
+            f"{PREFIX}_queue_stats_last_refresh_timestamp_seconds",
+            "When the queue gauges were last read from the database (Unix time): they keep their"
+            " last value while it cannot be read.",
             registry=r,
         )
         self.wakeups = Counter(
@@ -137,3 +156,7 @@ class Metrics:
             self.schedule_skips.labels(reason)
         for backend in ("postgres", "filesystem"):
             self.stored_result_written_bytes.labels(backend)
+
+    def watch_pool(self, slot_pids: Callable[[], list[tuple[int, int]]]) -> None:
+        """Export the CPU and memory of the pool children that ``slot_pids`` lists."""
+        self.registry.register(PoolChildrenCollector(PREFIX, slot_pids))

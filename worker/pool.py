@@ -222,6 +222,10 @@ class ProcessPool:
         """Pids of the live children (for tests and diagnostics)."""
         return [slot.proc.pid for slot in self._slots if slot.proc is not None]
 
+    def slot_pids(self) -> list[tuple[int, int]]:
+        """(slot index, pid) of the live children, for their metrics."""
+        return [(slot.index, slot.proc.pid) for slot in self._slots if slot.proc is not None]
+
     def _adopt(self, slot: _Slot) -> None:
         self._slots.append(slot)
         slot.reader = asyncio.create_task(self._read_outcomes(slot), name=f"pool-child-{slot.index}")

@@ -146,6 +146,7 @@ class Worker:
                 preload=preload,
             )
             await self._pool.start()
+            self.metrics.watch_pool(self._pool.slot_pids)
             if settings.pool_allocator == "mimalloc" and self._pool.allocator != "mimalloc":
                 raise WorkerStartupError(
                     f"POOL_ALLOCATOR=mimalloc, but the pool children could not preload {preload} "
@@ -283,6 +284,7 @@ class Worker:
                 self.metrics.queue_depth.labels("scheduled").set(stats["pending_scheduled"])
                 self.metrics.queue_depth.labels("running").set(stats["running"])
                 self.metrics.oldest_pending_age.set(float(stats["oldest_pending_age_seconds"] or 0))
+                self.metrics.queue_stats_refreshed.set_to_current_time()
                 self._stats_ok = True
             except (psycopg.Error, PoolTimeout) as exc:
                 self._stats_ok = False
