@@ -113,7 +113,7 @@ class JobLifecycle:
         self.jobs_processed += 1
         status = recorded.status
         self._child(self._metrics.jobs_finished, status, job.runtime).inc()
-        self._child(self._metrics.job_duration, job.runtime).observe(seconds)
+        self._child(self._metrics.job_duration, job.runtime, status).observe(seconds)
         context.update(status=status.value, runtime=job.runtime, duration_ms=round(seconds * 1000, 3))
         error = (recorded.outcome.error_message or recorded.outcome.status).splitlines()[0]
         if status is JobStatus.COMPLETED:

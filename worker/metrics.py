@@ -26,7 +26,11 @@ PREFIX = "analysis_executor"
 # The *_created series double every counter for no use on a dashboard.
 disable_created_metrics()
 
-_DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+# Edges just past the default JOB_TIMEOUT_MS (300 s): a job timed out at 300.2 s
+# reads as <= 330 s, not anywhere up to 600 s.
+_DURATION_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 240, 300, 330, 450, 600, 900
+)  # fmt: skip
 _LAG_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600, 21600, 86400)
 _RESULT_SIZE_BUCKETS = tuple(float(1 << shift) for shift in range(18, 31))  # 256 KiB .. 1 GiB
 _WAIT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900)
@@ -49,8 +53,8 @@ class Metrics:
         )
         self.job_duration = Histogram(
             f"{PREFIX}_job_duration_seconds",
-            "Wall-clock time from claim to recorded outcome.",
-            ["runtime"],
+            "Wall-clock time from claim to recorded outcome, by runtime and the status recorded.",
+            ["runtime", "status"],
             buckets=_DURATION_BUCKETS,
             registry=r,
         )
