@@ -155,6 +155,10 @@ def test_alerts_cover_the_documented_conditions() -> None:
         "AnalysisExecutorReplicasDown",
         "AnalysisExecutorPoolSaturated",
         "AnalysisExecutorDatabaseErrors",
+        "AnalysisExecutorScrapeTargetDown",
+        "AnalysisExecutorPoolChildCrashLoop",
+        "AnalysisExecutorListenerDisconnected",
+        "AnalysisExecutorSchedulePaused",
     }
     readme = (DEPLOY / "README.md").read_text()
     for name in names:
