@@ -104,6 +104,7 @@ def test_job_of_killed_worker_is_completed_by_another_replica(
     assert "worker lost" in history[0][2]
     rescuer_id = json.loads(rescuer.get("/health")[1])["worker_id"]
     assert job["worker_id"] == rescuer_id
+    assert 'analysis_executor_jobs_rescued_total{status="pending"} 1.0' in rescuer.get("/metrics")[1]
 
 
 @pytest.mark.faults

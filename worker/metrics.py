@@ -93,6 +93,13 @@ class Metrics:
             " last value while it cannot be read.",
             registry=r,
         )
+        self.jobs_rescued = Counter(
+            f"{PREFIX}_jobs_rescued",
+            "Jobs of lost workers this worker's rescuer took back, by the status they got"
+            " (pending: retried; failed: no attempts left).",
+            ["status"],
+            registry=r,
+        )
         self.wakeups = Counter(
             f"{PREFIX}_wakeups",
             "Claim wake-ups by source (notify, poll, timer, startup, slot).",
@@ -150,6 +157,8 @@ class Metrics:
         # Every label value exists from the start, so rate() and alerts see 0, not "no data".
         for status in ("pending", "scheduled", "running"):
             self.queue_depth.labels(status)
+        for status in ("pending", "failed"):
+            self.jobs_rescued.labels(status)
         for source in ("notify", "poll", "timer", "startup", "slot"):
             self.wakeups.labels(source)
         for operation in ("claim", "record", "listen", "queue_stats", "heartbeat", "rescuer", "pruner", "scheduler"):

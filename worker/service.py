@@ -180,7 +180,7 @@ class Worker:
             log.info("HTTP server listening on http://%s:%d (/health, /metrics, /jobs)", settings.host, settings.port)
             heartbeat = Heartbeat(settings, db_pool, executor, self.lifecycle, lambda: self.draining)
             await heartbeat.register()
-            rescuer = Rescuer(settings, db_pool, self.wakeups)
+            rescuer = Rescuer(settings, db_pool, self.wakeups, self.metrics.jobs_rescued)
             pruner = Pruner(settings, db_pool, results)
             scheduler = Scheduler(settings, db_pool, self.metrics)
 

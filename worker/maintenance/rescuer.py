@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 
+from prometheus_client import Counter
 from psycopg_pool import AsyncConnectionPool
 
 from worker.config import Settings
@@ -24,10 +25,11 @@ _DEAD_WORKER_LEASES = 3
 class Rescuer:
     """Returns orphaned jobs to the queue."""
 
-    def __init__(self, settings: Settings, db_pool: AsyncConnectionPool, wakeups: Wakeups) -> None:
+    def __init__(self, settings: Settings, db_pool: AsyncConnectionPool, wakeups: Wakeups, rescued: Counter) -> None:
         self._settings = settings
         self._db_pool = db_pool
         self._wakeups = wakeups
+        self._rescued = rescued
 
     @property
     def interval_seconds(self) -> float:
@@ -42,6 +44,7 @@ class Rescuer:
             rescued = await cur.fetchall()
             await conn.execute(QUERIES["prune_dead_workers"], {"max_silence_seconds": lease * _DEAD_WORKER_LEASES})
         for job_id, status, attempts in rescued:
+            self._rescued.labels(status).inc()
             log.warning(
                 "Job %s rescued from a lost worker after attempt %d: now %s",
                 job_id,
