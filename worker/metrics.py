@@ -159,6 +159,11 @@ class Metrics:
             self.queue_depth.labels(status)
         for status in ("pending", "failed"):
             self.jobs_rescued.labels(status)
+        for runtime in ("javascript", "python"):
+            self.jobs_claimed.labels(runtime)
+            # pending: an attempt that failed and was retried
+            for status in ("completed", "failed", "timeout", "cancelled", "pending"):
+                self.jobs_finished.labels(status, runtime)
         for source in ("notify", "poll", "timer", "startup", "slot"):
             self.wakeups.labels(source)
         for operation in ("claim", "record", "listen", "queue_stats", "heartbeat", "rescuer", "pruner", "scheduler"):
