@@ -169,11 +169,23 @@ def dashboard() -> dict[str, Any]:
     return json.loads((DEPLOY / "grafana/analysis-executor.json").read_text())
 
 
+def promql_targets(board: dict[str, Any]) -> list[str]:
+    """The PromQL of every panel (the per-analysis table is SQL, on a PostgreSQL datasource)."""
+    return [t["expr"] for p in board["panels"] for t in p.get("targets", []) if "expr" in t]
+
+
+def sql_targets(board: dict[str, Any]) -> list[str]:
+    return [t["rawSql"] for p in board["panels"] for t in p.get("targets", []) if "rawSql" in t]
+
+
 def test_dashboard_has_the_panels_and_variables_operators_need() -> None:
     board = dashboard()
     variables = {v["name"]: v for v in board["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource"
-    assert variables["instance"]["type"] == "query"
+    assert all(variables[name]["type"] == "query" for name in ("namespace", "job", "instance"))
+    selector = 'namespace=~"$namespace",job=~"$job",instance=~"$instance"'
+    unfiltered = [expr for expr in promql_targets(board) if selector not in expr]
+    assert unfiltered == [], "every panel filters by the environment and pod"
     titles = {p["title"] for p in board["panels"]}
     for wanted in (
         "Queue depth by status",
@@ -195,15 +207,31 @@ def test_dashboard_has_the_panels_and_variables_operators_need() -> None:
         "Dependency queries and failures",
     ):
         assert wanted in titles
-    quantiles = [t["expr"] for p in board["panels"] for t in p.get("targets", []) if "histogram_quantile" in t["expr"]]
+    quantiles = [expr for expr in promql_targets(board) if "histogram_quantile" in expr]
     assert len(quantiles) >= 9
     assert all("_bucket{" in q and "sum by (le" in q for q in quantiles), "quantiles need summed buckets by le"
 
 
+def test_the_per_analysis_table_query_runs_on_the_job_table(
+    db: psycopg.Connection, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    start_worker()
+    good = create_analysis(db, script="export default function analyze() { return 1; }")
+    bad = create_analysis(db, script="export default function analyze() { throw new Error('broken'); }")
+    wait_for_jobs(db, [submit(db, good), submit(db, bad), submit(db, bad)])
+    (sql,) = sql_targets(dashboard())
+    # Grafana's macro for the dashboard's time range:
+    rows = db.execute(
+        sql.replace("$__timeFilter(j.completed_at)", "j.completed_at > now() - interval '1 hour'")
+    ).fetchall()
+    by_analysis = {row[0]: row for row in rows}
+    assert by_analysis[bad][2:4] == (2, 2) and "broken" in by_analysis[bad][6]
+    assert by_analysis[good][2:4] == (1, 0) and by_analysis[good][5] is None
+    assert rows[0][0] == bad, "the most failing analysis first"
+
+
 def _expressions() -> Iterator[str]:
-    for panel in dashboard()["panels"]:
-        for target in panel.get("targets", []):
-            yield target["expr"]
+    yield from promql_targets(dashboard())
     for group in yaml.safe_load((DEPLOY / "prometheus/alerts.yaml").read_text())["groups"]:
         for rule in group["rules"]:
             yield rule["expr"]
@@ -227,7 +255,9 @@ def test_every_metric_in_the_dashboard_and_alerts_is_exported_by_a_real_worker(
 ) -> None:
     used: set[str] = set()
     for expression in _expressions():
-        plain = expression.replace("$__rate_interval", "5m").replace("$instance", ".*")
+        plain = expression.replace("$__rate_interval", "5m")
+        for variable in ("$namespace", "$job", "$instance"):
+            plain = plain.replace(variable, ".*")
         used |= _metric_names(promql_parser.parse(plain))
     assert {"analysis_executor_up", "analysis_executor_job_duration_seconds_bucket"} <= used
 

@@ -25,7 +25,7 @@ import yaml
 from psycopg.types.json import Jsonb
 
 from tests.conftest import REPO_ROOT, WorkerProcess, create_analysis, free_port, submit, wait_for_jobs
-from tests.test_deploy import _metric_names
+from tests.test_deploy import _metric_names, promql_targets
 
 pytestmark = pytest.mark.skipif(
     shutil.which("prometheus") is None, reason="prometheus (Debian package prometheus) is not installed"
@@ -36,13 +36,7 @@ SCRAPE_SECONDS = 1
 
 
 def dashboard_expressions() -> list[str]:
-    board = json.loads((DEPLOY / "grafana/analysis-executor.json").read_text())
-    return [
-        t["expr"]
-        for p in board["panels"]
-        for t in p.get("targets", [])
-        if t.get("datasource", {}).get("type") == "prometheus"
-    ]
+    return promql_targets(json.loads((DEPLOY / "grafana/analysis-executor.json").read_text()))
 
 
 def alert_rules() -> list[dict[str, Any]]:
@@ -167,7 +161,9 @@ def test_every_dashboard_and_alert_expression_returns_data_from_a_live_worker_an
 
     empty, errors = [], []
     for expression in dashboard_expressions():
-        plain = expression.replace("$__rate_interval", "1m").replace("$instance", ".*")
+        plain = expression.replace("$__rate_interval", "1m")
+        for variable in ("$namespace", "$job", "$instance"):
+            plain = plain.replace(variable, ".*")
         answer = prometheus.query(plain)
         if answer["status"] != "success":
             errors.append(f"{plain}: {answer.get('error')}")
