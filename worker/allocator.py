@@ -16,7 +16,6 @@ the system's), ``mimalloc`` (refuse to start without it) or ``system``.
 from __future__ import annotations
 
 import importlib.metadata
-import os
 import sys
 from pathlib import Path
 
@@ -55,14 +54,6 @@ def child_preload(setting: str) -> Path | None:
             "(pip install cmeel-mimalloc, or use POOL_ALLOCATOR=auto or system)"
         )
     return library
-
-
-def child_environment(preload: Path | None) -> dict[str, str] | None:
-    """The environment of a pool child: the worker's own, plus the preload (None: inherit as is)."""
-    if preload is None:
-        return None
-    existing = os.environ.get("LD_PRELOAD", "").strip()
-    return {**os.environ, "LD_PRELOAD": f"{preload}:{existing}" if existing else str(preload)}
 
 
 def allocator_in_use() -> str:

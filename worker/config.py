@@ -53,6 +53,8 @@ class Settings:
     result_storage_dir: Path | None = None
     scripts_dir: Path = Path("analytics")
     python_executable: str = sys.executable
+    # Who Python scripts run as (a worker running as root only): None means nobody, falling back to root
+    script_user: str | None = None
     metrics_refresh_seconds: float = 10.0
     worker_id: str = field(default_factory=lambda: default_worker_id())
     listen: bool = True
@@ -111,6 +113,7 @@ _ENV_NAMES = {
     "result_storage_dir": "RESULT_STORAGE_DIR",
     "scripts_dir": "ANALYTICS_SCRIPTS_DIR",
     "python_executable": "ANALYTICS_PYTHON",
+    "script_user": "ANALYTICS_RUN_AS_USER",
     "metrics_refresh_seconds": "METRICS_REFRESH_SECONDS",
     "worker_id": "WORKER_ID",
     "job_lease_seconds": "JOB_LEASE_SECONDS",

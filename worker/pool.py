@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from worker.allocator import child_environment
+from worker.boundary import ScriptUser, child_environment
 from worker.runtimes.protocol import HEADER, decode_payload, encode_frame, outcome
 
 log = logging.getLogger(__name__)
@@ -79,9 +79,10 @@ class _Task:
 class _Slot:
     """One child process and the jobs sent to it, in order; the first is running."""
 
-    def __init__(self, index: int, env: dict[str, str] | None = None) -> None:
+    def __init__(self, index: int, env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> None:
         self.index = index
         self.env = env
+        self.args = args
         self.allocator = "system"
         self.proc: asyncio.subprocess.Process | None = None
         self.sent: collections.deque[_Task] = collections.deque()
@@ -96,6 +97,7 @@ class _Slot:
             sys.executable,
             "-m",
             "worker.runtimes.child",
+            *self.args,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             start_new_session=True,  # terminal Ctrl-C goes to the worker, which decides
@@ -162,10 +164,12 @@ class ProcessPool:
         prefetch: int = MAX_PREFETCH,
         on_respawn: Callable[[str], None] | None = None,
         preload: Path | None = None,
+        script_user: ScriptUser | None = None,
     ) -> None:
         self.size = size
         self.preload = preload
-        self._child_env = child_environment(preload)
+        self._child_env = child_environment(os.environ, preload)
+        self._child_args = _child_args(script_user)
         self.allocator = "system"
         self.prefetch = max(1, prefetch)
         self._job_seconds = QUEUE_TARGET_SECONDS / _FIRST_DEPTH  # running average of JavaScript jobs
@@ -178,7 +182,7 @@ class ProcessPool:
 
     async def start(self) -> None:
         """Start every child; raises if one cannot start."""
-        slots = [_Slot(i, self._child_env) for i in range(self.size)]
+        slots = [_Slot(i, self._child_env, self._child_args) for i in range(self.size)]
         await asyncio.gather(*(slot.start() for slot in slots))
         for slot in slots:
             self._adopt(slot)
@@ -368,7 +372,7 @@ class ProcessPool:
     async def _respawn(self, index: int) -> None:
         delay = 0.1
         while not self._closed:
-            slot = _Slot(index, self._child_env)
+            slot = _Slot(index, self._child_env, self._child_args)
             try:
                 await slot.start()
             except (OSError, RuntimeError, TimeoutError, asyncio.IncompleteReadError) as exc:
@@ -397,6 +401,13 @@ class ProcessPool:
             if slot.reader is not None:
                 slot.reader.cancel()
         await asyncio.gather(*(slot.close() for slot in slots), return_exceptions=True)
+
+
+def _child_args(user: ScriptUser | None) -> tuple[str, ...]:
+    """The pool child's arguments: who its Python scripts run as, when not as the worker's uid."""
+    if user is None or user.uid is None:
+        return ()
+    return ("--run-as", f"{user.uid}:{user.gid}:{user.max_processes or 0}")
 
 
 def _has_room(slot: _Slot, planned: list[_Task], depth: int) -> bool:

@@ -26,6 +26,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from worker import __version__
 from worker.allocator import AllocatorUnavailable, child_preload
+from worker.boundary import ScriptUser, ScriptUserUnusable, make_undumpable, resolve_script_user
 from worker.cancellation import Cancellations
 from worker.config import Settings
 from worker.datasources import Datasources
@@ -65,6 +66,7 @@ class Worker:
         self.lifecycle = JobLifecycle(self.metrics)
         self.wakeups = Wakeups(self.metrics)
         self.whitelist = ScriptWhitelist(settings.scripts_dir)
+        self.script_user: ScriptUser | None = None  # resolved at start-up
         self.listener = JobListener(settings.database_url, self.wakeups, self.metrics)
         self.datasources = Datasources(
             settings.datasources,
@@ -137,6 +139,16 @@ class Worker:
                 preload = child_preload(settings.pool_allocator)
             except AllocatorUnavailable as exc:
                 raise WorkerStartupError(str(exc)) from None
+            try:
+                self.script_user = await asyncio.to_thread(
+                    resolve_script_user,
+                    settings.script_user,
+                    settings.python_executable,
+                    settings.scripts_dir.expanduser().absolute(),
+                )
+            except ScriptUserUnusable as exc:
+                raise WorkerStartupError(str(exc)) from None
+            log.info("Python scripts run as %s", self.script_user.name)
             self._pool = ProcessPool(
                 settings.processes,
                 # One process per concurrent job (the default) needs no queue in the
@@ -144,6 +156,7 @@ class Worker:
                 prefetch=1 if settings.processes >= settings.concurrency else MAX_PREFETCH,
                 on_respawn=lambda reason: self.metrics.pool_restarts.labels(reason).inc(),
                 preload=preload,
+                script_user=self.script_user,
             )
             await self._pool.start()
             self.metrics.watch_pool(self._pool.slot_pids)
@@ -325,6 +338,7 @@ class Worker:
             "draining": self.draining,
             "uptime_seconds": round(time.monotonic() - self._started_at, 3),
             "worker_id": self.settings.worker_id,
+            "script_user": self.script_user.name if self.script_user else None,
         }
 
     def ready(self) -> tuple[bool, str]:
@@ -353,6 +367,7 @@ def _use_pidfd_child_watcher() -> None:
 def run_worker(settings: Settings) -> int:
     """Run a worker in a fresh event loop; return the exit code."""
     _use_pidfd_child_watcher()
+    make_undumpable()  # its environ holds DATABASE_URL: closed to scripts of the same uid
     worker = Worker(settings)
     with contextlib.suppress(KeyboardInterrupt):
         return asyncio.run(worker.run())

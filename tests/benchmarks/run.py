@@ -41,7 +41,8 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from tests.benchmarks.stats import percentile
 from tests.claims import claim_jobs
 from tests.processes import child_pids, rss_kib
-from worker.allocator import child_environment, mimalloc_library
+from worker.allocator import mimalloc_library
+from worker.boundary import child_environment
 from worker.embedded import EmbeddedPostgres
 from worker.migrate import apply_migrations
 from worker.runtimes.javascript import run_javascript
@@ -480,7 +481,11 @@ def bench_runtime_only(runs: int, jobs: int = 5_000) -> list[Measurement]:
             # A process of its own: the allocator is chosen when a process starts.
             code = f"import json, tests.benchmarks.run as b; print(json.dumps(b.runtime_loop({jobs})))"
             output = subprocess.run(
-                [sys.executable, "-c", code], env=child_environment(preload), check=True, capture_output=True, text=True
+                [sys.executable, "-c", code],
+                env=child_environment(os.environ, preload),
+                check=True,
+                capture_output=True,
+                text=True,
             ).stdout
             figures = json.loads(output.strip().splitlines()[-1])
             result.values.append(figures["wrapper"])

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from worker.boundary import forbid_new_privileges
 from worker.runtimes.protocol import outcome, result_too_large
 
 TERM_GRACE_SECONDS = 5.0
@@ -37,6 +38,15 @@ _BARE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
 _FILE_SIZE_LIMIT = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class RunAs:
+    """The uid (and its group) scripts run as, and their process limit (RLIMIT_NPROC)."""
+
+    uid: int
+    gid: int
+    max_processes: int | None = None
 
 
 class ScriptNotAllowed(ValueError):
@@ -204,7 +214,7 @@ def die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
-def run_python_script(job: dict[str, Any], on_spawn: Any = None) -> dict[str, Any]:
+def run_python_script(job: dict[str, Any], on_spawn: Any = None, run_as: RunAs | None = None) -> dict[str, Any]:
     """Run the job's script to completion, timeout or kill; return an outcome.
 
     ``on_spawn(pid)`` is called once the script started, so the pool can
@@ -232,8 +242,16 @@ def run_python_script(job: dict[str, Any], on_spawn: Any = None) -> dict[str, An
         resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
         resource.setrlimit(resource.RLIMIT_FSIZE, (_FILE_SIZE_LIMIT, _FILE_SIZE_LIMIT))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        if run_as is not None and run_as.max_processes:
+            resource.setrlimit(resource.RLIMIT_NPROC, (run_as.max_processes, run_as.max_processes))
+        forbid_new_privileges()
 
+    identity: dict[str, Any] = {}
+    if run_as is not None:  # subprocess switches uid and groups before calling limit_resources
+        identity = {"user": run_as.uid, "group": run_as.gid, "extra_groups": []}
     with tempfile.TemporaryDirectory(prefix="analysis-job-") as workdir:
+        if run_as is not None:
+            os.chown(workdir, run_as.uid, run_as.gid)
         try:
             proc = subprocess.Popen(
                 [job["python"], job["script_path"], *args],
@@ -244,6 +262,7 @@ def run_python_script(job: dict[str, Any], on_spawn: Any = None) -> dict[str, An
                 env=env,
                 start_new_session=True,
                 preexec_fn=limit_resources,
+                **identity,
             )
         except OSError as exc:
             return outcome("failed", error_message=f"could not start {job['python']!r}: {exc.strerror or exc}")
