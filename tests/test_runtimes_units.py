@@ -12,7 +12,7 @@ import quickjs
 
 from worker.runtimes.javascript import DEFAULT_EXPORT, expose_default_export
 from worker.runtimes.protocol import encode_frame, read_frame
-from worker.runtimes.python import ScriptNotAllowed, ScriptWhitelist
+from worker.runtimes.python import ScriptNotAllowed, ScriptWhitelist, _Stdout
 
 
 @pytest.mark.parametrize(
@@ -133,3 +133,12 @@ def test_a_daemon_left_behind_by_a_python_script_is_killed(tmp_path: Path) -> No
         cwd=root, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert done.stdout.split() == ["completed", "False"], done.stderr
+
+
+@pytest.mark.parametrize("last", [b"NaN\n", b'{"x": Infinity}\n', b"[-Infinity]\n"])
+def test_a_last_line_json_cannot_hold_is_no_result(last: bytes) -> None:
+    """NaN and Infinity parse in Python but a jsonb column refuses them: such a line is output, not the result."""
+    stdout = _Stdout(1024, 1024)
+    stdout.feed(b"log line\n" + last)
+    assert stdout.result_json() is None
+    assert stdout.text(last_is_result=False) == "log line\n" + last.decode()

@@ -176,8 +176,8 @@ class _Stdout:
         if not line:
             return None
         try:
-            json.loads(line)
-        except ValueError:
+            json.loads(line, parse_constant=_refuse_constant)
+        except ValueError:  # not JSON, or NaN/Infinity, which JSON (and a jsonb column) cannot hold
             return None
         return line
 
@@ -200,6 +200,10 @@ class _Stdout:
         combined.feed(bytes(self.last[: self.limit]))
         combined.total = self.log.total + len(self.last)
         return combined.text()
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
 
 
 def become_subreaper() -> None:
