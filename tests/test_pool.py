@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import sys
+
+import pytest
 
 from tests.messages import job_message
-from worker.pool import ProcessPool
+from worker.pool import ProcessPool, _Slot
 
 # Busy for params.ms milliseconds of wall-clock time.
 BUSY_JS = (
@@ -60,3 +64,24 @@ def test_small_jobs_queue_deep_in_each_child() -> None:
     # Each trivial job takes well under a millisecond in its child, so a child may
     # hold more of them than the 8 the average starts from (at most 64).
     assert 8 < asyncio.run(scenario()) <= 64
+
+
+def test_what_a_pool_child_writes_to_stderr_becomes_log_records_one_per_line(caplog: pytest.LogCaptureFixture) -> None:
+    """A traceback or an engine's message is logged (JSON-safe in --log-format json), never raw text."""
+    noise = 'Traceback (most recent call last):\n  File "x", line 1\nValueError: \x1b[31mboom\n' + "y" * 20000
+
+    async def forward() -> None:
+        slot = _Slot(3)
+        slot.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", f"import sys; sys.stderr.write({noise!r})", stderr=asyncio.subprocess.PIPE
+        )
+        await slot._log_stderr()
+        await slot.proc.wait()
+
+    with caplog.at_level(logging.WARNING, logger="worker.pool"):
+        asyncio.run(forward())
+    messages = [record.getMessage() for record in caplog.records]
+    assert len(messages) == 4, messages
+    assert messages[0].startswith("pool child 3 (pid ") and messages[0].endswith("Traceback (most recent call last):")
+    assert messages[2].endswith("ValueError: \x1b[31mboom")
+    assert messages[3].endswith("y" * 8192) and all("\n" not in m for m in messages)

@@ -41,6 +41,7 @@ KILL_MARGIN_SECONDS = 0.25
 _PYTHON_KILL_MARGIN_SECONDS = 5.0 + 2.0  # the script supervisor's TERM->KILL grace, plus slack
 _START_TIMEOUT_SECONDS = 60.0
 _STREAM_LIMIT = 1 << 31
+_STDERR_LINE_MAX = 8192  # longer stderr lines are cut in the log
 _ENGINE_CRASH_SIGNALS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT, signal.SIGILL, signal.SIGFPE})
 # JavaScript work queued in a child, in seconds at the recent average job length.
 # Deep enough that a busy child rarely runs dry and sleeps before the worker tops
@@ -90,6 +91,7 @@ class _Slot:
         self.job_pgid: int | None = None
         self.deadline: asyncio.TimerHandle | None = None
         self.reader: asyncio.Task[None] | None = None
+        self.stderr_reader: asyncio.Task[None] | None = None
         self.lost = False
 
     async def start(self) -> None:
@@ -100,14 +102,33 @@ class _Slot:
             *self.args,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,  # logged line by line: never raw text in the worker's log
             start_new_session=True,  # terminal Ctrl-C goes to the worker, which decides
             limit=_STREAM_LIMIT,
             env=self.env,
         )
+        self.stderr_reader = asyncio.create_task(self._log_stderr(), name=f"pool-child-{self.index}-stderr")
         ready = await asyncio.wait_for(self.read(), _START_TIMEOUT_SECONDS)
         if ready.get("event") != "ready":
             raise RuntimeError(f"pool child sent {ready!r} instead of ready")
         self.allocator = str(ready.get("allocator", "system"))
+
+    async def _log_stderr(self) -> None:
+        """What the child writes to stderr (an engine's message, a traceback) as log records, one per line."""
+        assert self.proc is not None and self.proc.stderr is not None
+        pid, pending = self.proc.pid, b""
+        while chunk := await self.proc.stderr.read(65536):
+            *lines, pending = (pending + chunk).split(b"\n")
+            if len(pending) > _STDERR_LINE_MAX:  # no newline in sight: log what we have
+                lines, pending = [*lines, pending], b""
+            for line in lines:
+                self._log_stderr_line(pid, line)
+        self._log_stderr_line(pid, pending)
+
+    def _log_stderr_line(self, pid: int, line: bytes) -> None:
+        text = line[:_STDERR_LINE_MAX].decode("utf-8", "replace").rstrip()
+        if text:
+            log.warning("pool child %d (pid %d): %s", self.index, pid, text, extra={"pool_child_pid": pid})
 
     async def read(self) -> dict[str, Any]:
         assert self.proc is not None and self.proc.stdout is not None
@@ -401,6 +422,12 @@ class ProcessPool:
             if slot.reader is not None:
                 slot.reader.cancel()
         await asyncio.gather(*(slot.close() for slot in slots), return_exceptions=True)
+        # Their last stderr lines, then end of file (a descendant may hold the pipe open: not for long).
+        readers = [slot.stderr_reader for slot in slots if slot.stderr_reader is not None]
+        if readers:
+            _, late = await asyncio.wait(readers, timeout=1.0)
+            for reader in late:
+                reader.cancel()
 
 
 def _child_args(user: ScriptUser | None) -> tuple[str, ...]:
